@@ -1,0 +1,81 @@
+"""Server settings from environment variables (prefix ``UNET_SERVER_``) or ``python -m server`` flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_list(value: object) -> object:
+    """Accept a JSON list or a comma-separated string (the natural form in an env var)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Each field is env var ``UNET_SERVER_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="UNET_SERVER_", extra="ignore")
+
+    # Folder holding one diffusers-layout folder per model (weights/<name>/).
+    weights_dir: Path = Path("weights")
+    # Model folder names to load; empty = every folder in weights_dir with an unet_server.json.
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # "auto" picks CUDA when available.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # U-Net weights dtype; "auto" = float16 on CUDA, float32 on CPU. Sampler arithmetic is always fp32.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # Attention backend; "auto" probes xformers, then sdpa, then math by running a tiny call.
+    attention_backend: Literal["auto", "xformers", "sdpa", "math"] = "auto"
+    # Most rows (images x CFG halves) in one forward pass; also the largest batch bucket.
+    max_batch_rows: int = Field(64, ge=1, le=4096)
+    # Forward passes are padded up to one of these sizes, each warmed at startup. Multiples of 4 keep CPU
+    # fp32 GEMMs batch-invariant (MKL blocks rows by 4), so a seed gives the same bytes alone or batched.
+    batch_buckets: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [4, 8, 16, 32, 64])
+    # Requests admitted but not yet started; beyond this a request gets 429.
+    max_queue_size: int = Field(256, ge=1)
+    # Deadline of a /generate or /v1/images/generations request, from arrival (504 past it).
+    request_timeout_seconds: float = Field(120.0, gt=0)
+    # Deadline of a /v1/jobs job, from arrival.
+    job_timeout_seconds: float = Field(3600.0, gt=0)
+    # Finished jobs kept for GET /v1/jobs/{id} (oldest dropped first).
+    max_finished_jobs: int = Field(1000, ge=1)
+    # Caps on request fields.
+    max_inference_steps: int = Field(200, ge=1)
+    max_images: int = Field(8, ge=1)
+    max_image_size: int = Field(64, ge=8)
+    # Control image limits: encoded bytes and decoded pixels (checked before decoding pixels).
+    max_control_image_bytes: int = Field(2_000_000, ge=1)
+    max_control_image_pixels: int = Field(1024 * 1024, ge=1)
+    # Optional bearer token; when set every /generate, /v1/* request must send it.
+    api_key: SecretStr | None = None
+    # Bind address for `python -m server`.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("models", "batch_buckets", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _buckets(self) -> Settings:
+        buckets = sorted({int(b) for b in self.batch_buckets if 0 < int(b) <= self.max_batch_rows})
+        if not buckets or buckets[-1] != self.max_batch_rows:
+            buckets.append(self.max_batch_rows)
+        self.batch_buckets = buckets
+        return self
