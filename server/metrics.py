@@ -1,0 +1,100 @@
+"""Every Prometheus object of the server, registered on a per-app registry (tests build many apps)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_FORWARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """The server's metrics; names carry the ``unet_server_`` prefix and their unit."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests_total = Counter(
+            "unet_server_requests_total",
+            "Generation requests by model, endpoint and HTTP status.",
+            ["model", "endpoint", "status"],
+            registry=r,
+        )
+        self.request_duration_seconds = Histogram(
+            "unet_server_request_duration_seconds",
+            "End-to-end time of a generation request (arrival to response).",
+            ["model", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            "unet_server_queue_wait_seconds",
+            "Time from admission to a request's first forward pass.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_size = Gauge(
+            "unet_server_queue_size", "Admitted requests not yet in any forward pass.", registry=r
+        )
+        self.running_requests = Gauge(
+            "unet_server_running_requests", "Requests sampling now (started, not finished).", registry=r
+        )
+        self.rows_per_forward = Histogram(
+            "unet_server_rows_per_forward",
+            "Real rows (images x CFG halves, without padding) in one U-Net forward pass.",
+            buckets=_ROW_BUCKETS,
+            registry=r,
+        )
+        self.padded_rows_per_forward = Histogram(
+            "unet_server_padded_rows_per_forward",
+            "Rows of one forward pass after padding to its batch bucket.",
+            buckets=_ROW_BUCKETS,
+            registry=r,
+        )
+        self.forward_duration_seconds = Histogram(
+            "unet_server_forward_duration_seconds",
+            "Wall time of one engine step (gather, denoiser forward, CFG, sampler advance).",
+            buckets=_FORWARD_BUCKETS,
+            registry=r,
+        )
+        self.images_generated_total = Counter(
+            "unet_server_images_generated_total", "Images returned to clients.", ["model"], registry=r
+        )
+        self.model_evaluations_total = Counter(
+            "unet_server_model_evaluations_total",
+            "U-Net function evaluations: one per real row per forward pass.",
+            ["model"],
+            registry=r,
+        )
+        self.engine_errors_total = Counter(
+            "unet_server_engine_errors_total", "Engine steps that raised (their requests failed).", registry=r
+        )
+        # Created by set_gpu_memory_source when the device is CUDA; absent on CPU.
+        self.gpu_memory_allocated_bytes: Gauge | None = None
+
+    def set_gpu_memory_source(self, read: Callable[[], float]) -> None:
+        """Expose ``unet_server_gpu_memory_allocated_bytes``, sampled from ``read`` at scrape time."""
+        if self.gpu_memory_allocated_bytes is None:
+            self.gpu_memory_allocated_bytes = Gauge(
+                "unet_server_gpu_memory_allocated_bytes",
+                "torch.cuda.memory_allocated() on the serving device.",
+                registry=self.registry,
+            )
+        self.gpu_memory_allocated_bytes.set_function(read)
+
+    def render(self) -> bytes:
+        """The text exposition format of this registry."""
+        return generate_latest(self.registry)

@@ -1,0 +1,81 @@
+"""PNG encoding and control-map decoding limits."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.imaging import ImageDecodeError, decode_base64, decode_control_image, from_png, to_png, to_pngs
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_png_roundtrip_gray_and_rgb() -> None:
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (32, 32, 1), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (2, 16, 24, 3), dtype=np.uint8)
+    assert np.array_equal(from_png(to_png(gray)), gray[:, :, 0])
+    for png, img in zip(to_pngs(rgb), rgb, strict=True):
+        assert np.array_equal(from_png(png), img)
+
+
+def test_control_grayscale_resize_and_range() -> None:
+    img = Image.new("RGB", (64, 64), (255, 255, 255))
+    out = decode_control_image(png_bytes(img), width=32, height=16, max_bytes=10**6, max_pixels=10**6)
+    assert out.shape == (16, 32) and out.dtype == np.float32
+    assert np.allclose(out, 1.0)
+    black = decode_control_image(png_bytes(Image.new("L", (32, 32), 0)), width=32, height=32,
+                                 max_bytes=10**6, max_pixels=10**6)
+    assert black.max() == 0.0
+
+
+def test_control_rejects_garbage_and_limits() -> None:
+    with pytest.raises(ImageDecodeError, match="decoded"):
+        decode_control_image(b"not an image", width=32, height=32, max_bytes=10**6, max_pixels=10**6)
+    data = png_bytes(Image.new("L", (100, 100), 0))
+    with pytest.raises(ImageDecodeError, match="bytes"):
+        decode_control_image(data, width=32, height=32, max_bytes=10, max_pixels=10**6)
+    with pytest.raises(ImageDecodeError, match="pixels"):
+        decode_control_image(data, width=32, height=32, max_bytes=10**6, max_pixels=99 * 99)
+    # Formats outside the allowed list (GIF) are refused.
+    with pytest.raises(ImageDecodeError):
+        decode_control_image(png_bytes(Image.new("L", (8, 8)), "GIF"), width=8, height=8,
+                             max_bytes=10**6, max_pixels=10**6)
+
+
+def _bomb_png(side: int) -> bytes:
+    """A tiny PNG whose header claims side x side pixels (IDAT of zeros compresses ~1000x)."""
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    raw = zlib.compress(b"\x00" * (side + 1) * 64, 9)  # only a few rows: decoding would fail later
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_rejected_before_decoding() -> None:
+    data = _bomb_png(50_000)
+    assert len(data) < 10_000
+    with pytest.raises(ImageDecodeError, match="pixels"):
+        decode_control_image(data, width=32, height=32, max_bytes=10**6, max_pixels=10**6)
+
+
+def test_base64() -> None:
+    raw = b"\x89PNG-something"
+    assert decode_base64(base64.b64encode(raw).decode(), 100) == raw
+    assert decode_base64("data:image/png;base64," + base64.b64encode(raw).decode(), 100) == raw
+    with pytest.raises(ImageDecodeError, match="base64"):
+        decode_base64("***", 100)
+    with pytest.raises(ImageDecodeError, match="larger"):
+        decode_base64(base64.b64encode(b"x" * 1000).decode(), 100)
