@@ -1,0 +1,100 @@
+"""Timestep embedding (sinusoidal + MLP) and the conditioning embedding shared by UNet and ControlNet."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(
+    t: torch.Tensor,
+    dim: int,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+    max_period: float = 10000.0,
+) -> torch.Tensor:
+    """Sinusoidal embedding of per-row timesteps, computed in fp32 (as diffusers' get_timestep_embedding).
+
+    t: (B,) any dtype -> (B, dim) float32. Frequencies exp(-ln(max_period) * i / (half - freq_shift)).
+    """
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=t.device) * (
+        -math.log(max_period) / (half - freq_shift)
+    )
+    args = t.float()[:, None] * exponent.exp()[None, :]  # (B, half)
+    if flip_sin_to_cos:
+        emb = torch.cat([args.cos(), args.sin()], dim=-1)  # (B, 2 * half)
+    else:
+        emb = torch.cat([args.sin(), args.cos()], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class Timesteps(nn.Module):
+    """Parameter-free sinusoidal projection: (B,) -> (B, dim) float32."""
+
+    def __init__(self, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> None:
+        super().__init__()
+        self.dim, self.flip_sin_to_cos, self.freq_shift = dim, flip_sin_to_cos, freq_shift
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return timestep_embedding(t, self.dim, self.flip_sin_to_cos, self.freq_shift)
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal embedding: (B, in_dim) -> (B, dim). Keys linear_1 / linear_2 as diffusers."""
+
+    def __init__(self, in_dim: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def exponent_check(dim: int, freq_shift: float) -> None:
+    """Raise for an embedding width whose frequency denominator would be zero."""
+    if dim // 2 - freq_shift == 0:
+        raise ValueError(f"timestep embedding dim {dim} with freq_shift {freq_shift} divides by zero")
+
+
+def attach_time_embedding(
+    owner: nn.Module,
+    base_channels: int,
+    time_embed_dim: int,
+    flip_sin_to_cos: bool,
+    freq_shift: float,
+    num_class_embeds: int | None,
+) -> None:
+    """Create owner.time_proj, owner.time_embedding and owner.class_embedding (None without classes)."""
+    exponent_check(base_channels, freq_shift)
+    owner.time_proj = Timesteps(base_channels, flip_sin_to_cos, freq_shift)
+    owner.time_embedding = TimestepEmbedding(base_channels, time_embed_dim)
+    owner.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds else None
+
+
+def embed_conditioning(
+    owner: nn.Module, x: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None
+) -> torch.Tensor:
+    """e = time_embedding(sin(t)) [+ class_embedding(y)] for a module set up by attach_time_embedding.
+
+    x: (B, C, H, W) gives batch, device and dtype; t: (B,) per-row timesteps (0-dim or a number is
+    broadcast); class_labels: (B,) long. Returns (B, time_embed_dim) in the model dtype.
+    """
+    dtype = owner.conv_in.weight.dtype
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])  # (B,)
+    emb = owner.time_embedding(owner.time_proj(t).to(dtype))  # fp32 sinusoid -> model dtype
+    if owner.class_embedding is not None:
+        if class_labels is None:
+            raise ValueError("this model is class-conditional: pass class_labels (B,) long")
+        emb = emb + owner.class_embedding(class_labels).to(dtype)
+    elif class_labels is not None:
+        raise ValueError("this model has no class embedding (num_class_embeds is None) but got class_labels")
+    return emb
