@@ -198,6 +198,10 @@ class Scheduler:
 
     # -- introspection ------------------------------------------------------------------------
 
+    def entries(self) -> list[Entry]:
+        """Every admitted entry, oldest first."""
+        return sorted(self._entries.values(), key=lambda e: e.seq)
+
     def get(self, entry_id: str) -> Entry | None:
         return self._entries.get(entry_id)
 

@@ -1,0 +1,231 @@
+"""create_app(settings): the FastAPI app; its lifespan loads models, warms every bucket, starts the engine.
+
+Loading runs in the background so /health/live answers at once and /health/ready is 503 until the models
+are loaded and warmed (and then 200); shutdown stops admitting, drains running requests, joins the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.metrics import Metrics
+from server.schemas import (
+    ClassInfo,
+    Conditioning,
+    ControlInfo,
+    ModelDefaults,
+    ModelSpec,
+    SamplerInfo,
+    ValidationContext,
+)
+from server.settings import Settings
+
+log = logging.getLogger("server")
+
+COUNTED_ENDPOINTS = {"/generate": "generate", "/v1/images/generations": "images", "/v1/jobs": "jobs"}
+
+
+@dataclass
+class ServerState:
+    """What routes need, hung on ``app.state.server``."""
+
+    settings: Settings
+    metrics: Metrics
+    engine: Any = None  # server.engine.Engine once loaded
+    ready: bool = False
+    load_error: str | None = None
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    samplers: list[SamplerInfo] = field(default_factory=list)
+    ctx: ValidationContext | None = None
+    device: str = ""
+    load_task: asyncio.Task | None = None
+
+
+def _resolve_device_dtype(settings: Settings) -> tuple[Any, Any]:
+    import torch
+
+    if settings.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(settings.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("UNET_SERVER_DEVICE=cuda but CUDA is not available")
+    if settings.dtype == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, settings.dtype)
+    return device, dtype
+
+
+def _check_sampler(name: str, schedule_kind: str) -> str:
+    """Raise ValueError unless ``name`` (stable name or alias) can sample a ``schedule_kind`` model."""
+    from model.samplers import get_sampler
+
+    get_sampler(name, schedule_kind)
+    return name
+
+
+def model_spec(p: Any) -> ModelSpec:
+    """The public description of a loaded ``model.pipeline.Pipeline``."""
+    classes = None
+    if p.class_names:
+        classes = [ClassInfo(index=i, name=n) for i, n in enumerate(p.class_names)]
+    control = None
+    if p.control:
+        control = ControlInfo(
+            type=str(p.control.get("type", "control")), channels=int(p.control.get("channels", 1))
+        )
+    d = p.defaults
+    return ModelSpec(
+        id=p.name,
+        kind=p.kind,
+        schedule=p.schedule.kind,
+        base_model=p.base_model,
+        image_channels=p.image_channels,
+        sample_size=p.sample_size,
+        size_multiple=p.size_multiple,
+        null_class_label=p.null_class_label,
+        conditioning=Conditioning(classes=classes, text=p.kind == "text", control=control),
+        defaults=ModelDefaults(
+            sampler=d.sampler,
+            num_inference_steps=d.num_inference_steps,
+            guidance_scale=d.guidance_scale,
+            width=d.width,
+            height=d.height,
+        ),
+    )
+
+
+def _load(state: ServerState, text_encoder_loader: Callable[..., Any] | None) -> Any:
+    """Load pipelines, pick the attention backend, build and warm the worker (blocking; runs in a thread)."""
+    import torch
+
+    from model.attention import head_dims, select_backend, set_attention_backend
+    from model.pipeline import load_pipelines
+    from server.worker import Worker
+
+    s = state.settings
+    device, dtype = _resolve_device_dtype(s)
+    state.device = str(device)
+    pipelines = load_pipelines(
+        s.weights_dir, s.models or None, device=device, dtype=dtype, text_encoder_loader=text_encoder_loader
+    )
+    modules = {id(m): m for p in pipelines.values() for m in (p.unet, p.controlnet) if m is not None}
+    dims: set[int] = set()
+    for m in modules.values():
+        dims |= head_dims(m)
+    preferred = None if s.attention_backend == "auto" else s.attention_backend
+    backend = select_backend(device, dtype, preferred, head_dims=dims or (64,))
+    for m in modules.values():
+        set_attention_backend(m, backend)
+    from model.samplers import list_samplers
+
+    state.samplers = [SamplerInfo(**info) for info in list_samplers()]
+    state.models = {n: model_spec(p) for n, p in pipelines.items()}
+    state.ctx = ValidationContext(models=state.models, check_sampler=_check_sampler, settings=s)
+    worker = Worker(pipelines, s.batch_buckets)
+    worker.warmup()
+    if device.type == "cuda":
+        state.metrics.set_gpu_memory_source(lambda: float(torch.cuda.memory_allocated(device)))
+    log.info("loaded %s on %s/%s, attention %s", sorted(pipelines), device, dtype, backend)
+    return worker
+
+
+class _CountRequests:
+    """Pure ASGI middleware: requests_total and request_duration_seconds for the generation endpoints."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = COUNTED_ENDPOINTS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if endpoint is None or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        import time
+
+        start = time.monotonic()
+        status = [500]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            model = scope.get("state", {}).get("model") or "unknown"
+            self.metrics.requests_total.labels(model, endpoint, str(status[0])).inc()
+            self.metrics.request_duration_seconds.labels(model, endpoint).observe(time.monotonic() - start)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    text_encoder_loader: Callable[..., Any] | None = None,
+) -> FastAPI:
+    """Build the app. ``text_encoder_loader(device, dtype)`` overrides the text encoder (tests)."""
+    from server.engine import Engine
+    from server.routes import router
+
+    settings = settings or Settings()
+    metrics = Metrics()
+    state = ServerState(settings=settings, metrics=metrics)
+
+    async def load_and_start() -> None:
+        try:
+            worker = await asyncio.to_thread(_load, state, text_encoder_loader)
+        except Exception as exc:  # noqa: BLE001 — reported by /health/ready, logged with traceback
+            log.exception("model loading failed")
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            return
+        engine = Engine(worker, settings.max_queue_size, metrics, settings.max_finished_jobs)
+        engine.start(asyncio.get_running_loop())
+        state.engine = engine
+        state.ready = True
+        log.info("ready")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.load_task = asyncio.create_task(load_and_start())
+        try:
+            yield
+        finally:
+            state.ready = False
+            if not state.load_task.done():
+                state.load_task.cancel()
+            if state.engine is not None:
+                await state.engine.stop(drain_timeout=min(30.0, settings.request_timeout_seconds))
+
+    app = FastAPI(
+        title="unet-server",
+        version="0.1.0",
+        description="Diffusion U-Net sampling with step-level continuous batching.",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    app.include_router(router)
+    app.add_middleware(_CountRequests, metrics=metrics)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        error_id = uuid.uuid4().hex[:12]
+        log.error("unhandled error (error_id=%s) on %s %s", error_id, request.method, request.url.path,
+                  exc_info=exc)
+        return JSONResponse(
+            {"detail": f"internal error (error id {error_id})", "error_id": error_id}, status_code=500
+        )
+
+    return app

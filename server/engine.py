@@ -1,0 +1,387 @@
+"""The engine: one thread owns the device and runs ``plan = schedule(); step(plan); update(plan)`` forever.
+
+Requests are submitted from the event loop (``submit`` is cheap: it only admits the request to the
+scheduler, or raises ``QueueFull``); the loop thread prepares a request (prompt encoding, initial noise,
+sampler states) at its first step, so the device is touched by this thread only. New requests join at
+the next step and finished ones leave (step-level continuous batching). Events (started, progress,
+completed, failed, cancelled) go back to the event loop with ``call_soon_threadsafe``; PNG encoding of a
+finished request runs in the thread pool, never on the engine thread or the event loop.
+
+A step that raises fails only the requests in that plan (500 with an error id, logged with traceback);
+cancellation and deadlines remove a request from the scheduler at once, so the next plan never carries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from server.imaging import to_pngs
+from server.metrics import Metrics
+from server.scheduler import Plan, QueueFull, Scheduler
+from server.schemas import ResolvedRequest
+from server.worker import Worker
+
+log = logging.getLogger(__name__)
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+__all__ = ["Engine", "EngineStopped", "QueueFull", "Task"]
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down (or not started) and admits no new requests."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+@dataclass(eq=False)
+class Task:
+    """One request's life on the server, as routes and SSE streams see it (read on the event loop)."""
+
+    id: str
+    request: ResolvedRequest
+    endpoint: str
+    is_job: bool
+    created: float  # time.monotonic()
+    created_wall: float  # time.time(), for OpenAI's `created`
+    status: str = "queued"
+    step: int = 0
+    total_steps: int = 0
+    started: float | None = None
+    finished: float | None = None
+    pngs: list[bytes] | None = None
+    error_status: int | None = None
+    error_message: str | None = None
+    error_id: str | None = None
+    worker_state: Any = None  # the worker's RequestState, built on the engine thread
+    _done: asyncio.Event = field(default_factory=asyncio.Event)
+    _subscribers: list[asyncio.Queue] = field(default_factory=list)
+    _last_progress: dict[str, Any] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+    def timings(self) -> dict[str, float]:
+        end = self.finished if self.finished is not None else time.monotonic()
+        start = self.started if self.started is not None else end
+        return {
+            "queue_seconds": round(start - self.created, 6),
+            "sampling_seconds": round(end - start, 6),
+            "total_seconds": round(end - self.created, 6),
+        }
+
+    # -- event plumbing (event-loop thread only) ----------------------------------------------
+
+    def subscribe(self) -> asyncio.Queue:
+        """A queue of (event, data) pairs, pre-filled with what already happened."""
+        q: asyncio.Queue = asyncio.Queue()
+        q.put_nowait(("queued", self._event_data()))
+        if self.started is not None:
+            q.put_nowait(("started", self._event_data()))
+        if self._last_progress is not None and not self.done:
+            q.put_nowait(("progress", self._last_progress))
+        if self.done:
+            q.put_nowait((self.status, self._event_data()))
+        else:
+            self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        if q in self._subscribers:
+            self._subscribers.remove(q)
+
+    def _event_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"id": self.id, "status": self.status, "step": self.step,
+                                "total_steps": self.total_steps}
+        if self.status == "failed":
+            data["error"] = {"status_code": self.error_status, "message": self.error_message,
+                             "error_id": self.error_id}
+        return data
+
+    def _publish(self, event: str, data: dict[str, Any] | None = None) -> None:
+        data = data if data is not None else self._event_data()
+        if event == "progress":
+            self._last_progress = data
+        for q in list(self._subscribers):
+            q.put_nowait((event, data))
+        if event in TERMINAL:
+            self._subscribers.clear()
+            self._done.set()
+
+
+class Engine:
+    """Step-level continuous batching over a ``Worker``; see the module docstring."""
+
+    def __init__(
+        self,
+        worker: Worker,
+        max_queue_size: int,
+        metrics: Metrics,
+        max_finished_jobs: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.worker = worker
+        self.metrics = metrics
+        self.scheduler = Scheduler(max_rows=worker.max_rows, max_queue_size=max_queue_size, clock=clock)
+        self.jobs: OrderedDict[str, Task] = OrderedDict()
+        self.max_finished_jobs = max_finished_jobs
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False
+        self._stop = False
+        self.steps_run = 0
+        self._forward_ewma = 0.05
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="unet-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Stop admitting, let running requests finish (up to ``drain_timeout``), cancel the rest, join."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline:
+            with self._cond:
+                if len(self.scheduler) == 0:
+                    break
+            await asyncio.sleep(0.05)
+        with self._cond:
+            leftover = [e.payload for e in self.scheduler.entries()]
+            for task in leftover:
+                self.scheduler.remove(task.id)
+            self._stop = True
+            self._cond.notify_all()
+        for task in leftover:
+            self._fail_on_loop(task, 503, "server is shutting down")
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- API for routes (event-loop thread) ---------------------------------------------------
+
+    def submit(self, request: ResolvedRequest, endpoint: str, timeout: float, is_job: bool = False) -> Task:
+        """Admit a request; raises QueueFull (429) or EngineStopped (503)."""
+        if not self._accepting:
+            raise EngineStopped("server is not accepting requests")
+        task = Task(
+            id=new_id("job" if is_job else "gen"),
+            request=request,
+            endpoint=endpoint,
+            is_job=is_job,
+            created=time.monotonic(),
+            created_wall=time.time(),
+            total_steps=request.num_inference_steps,
+        )
+        with self._cond:
+            self.scheduler.add(
+                task.id,
+                key=self.worker.batch_key(request),
+                rows=request.rows,
+                total_steps=request.num_inference_steps,
+                timeout=timeout,
+                payload=task,
+            )
+            self._cond.notify()
+            self._gauges()
+        if is_job:
+            self.jobs[task.id] = task
+            self._trim_jobs()
+        task._publish("queued")
+        return task
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a queued or running request; its rows leave the next plan. False if already finished."""
+        with self._cond:
+            entry = self.scheduler.remove(task_id)
+            self._gauges()
+        if entry is None:
+            return False
+        task: Task = entry.payload
+        task.status = "cancelled"
+        task.finished = time.monotonic()
+        task._publish("cancelled")
+        return True
+
+    def queue_position(self, task_id: str) -> int | None:
+        with self._cond:
+            return self.scheduler.queue_position(task_id)
+
+    def retry_after(self) -> int:
+        """Seconds a rejected client should wait: a rough time to drain the waiting requests' first step."""
+        with self._cond:
+            waiting = self.scheduler.waiting_count
+        return max(1, min(60, int(waiting * self._forward_ewma) + 1))
+
+    def _trim_jobs(self) -> None:
+        finished = [k for k, t in self.jobs.items() if t.done]
+        for k in finished[: max(0, len(finished) - self.max_finished_jobs)]:
+            del self.jobs[k]
+
+    # -- the loop (engine thread) -------------------------------------------------------------
+
+    def _gauges(self) -> None:
+        self.metrics.queue_size.set(self.scheduler.waiting_count)
+        self.metrics.running_requests.set(self.scheduler.running_count)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and len(self.scheduler) == 0:
+                    self._cond.wait(0.5)
+                if self._stop:
+                    return
+                expired = self.scheduler.expire()
+                plan = self.scheduler.schedule()
+                self._gauges()
+            for entry in expired:
+                self._fail(entry.payload, 504, "request passed its deadline before finishing")
+            if plan is not None and plan.entries:
+                self._step(plan)
+
+    def _step(self, plan: Plan) -> None:
+        tasks: list[Task] = [e.payload for e in plan.entries]
+        now = time.monotonic()
+        for task in tasks:
+            if task.started is None:
+                task.started = now
+                task.status = "running"
+                self.metrics.queue_wait_seconds.labels(task.request.model).observe(now - task.created)
+                self._call(task._publish, "started", None)
+        # Prepare newcomers (engine thread: the device is ours); a bad request fails alone.
+        ready: list[Task] = []
+        for task in tasks:
+            if task.worker_state is None:
+                try:
+                    task.worker_state = self.worker.prepare(task.request)
+                    task.total_steps = self._total_evaluations(task)
+                except Exception:
+                    self._fault([task], "preparing a request failed")
+                    continue
+            ready.append(task)
+        if not ready:
+            return
+        t0 = time.perf_counter()
+        try:
+            done = self.worker.step([t.worker_state for t in ready])
+        except Exception:
+            self._fault(ready, "a forward pass failed")
+            return
+        elapsed = time.perf_counter() - t0
+        self.steps_run += 1
+        self._forward_ewma = 0.9 * self._forward_ewma + 0.1 * elapsed
+        rows = sum(t.request.rows for t in ready)
+        m = self.metrics
+        m.forward_duration_seconds.observe(elapsed)
+        m.rows_per_forward.observe(rows)
+        m.padded_rows_per_forward.observe(self.worker.bucket_for(rows))
+        for task in ready:
+            m.model_evaluations_total.labels(task.request.model).inc(task.request.rows)
+        finished_ids = [t.id for t, d in zip(ready, done, strict=True) if d]
+        with self._cond:
+            finished = self.scheduler.update(plan, finished_ids)
+            self._gauges()
+        finished_set = {e.id for e in finished}
+        for task, d in zip(ready, done, strict=True):
+            if task.done:  # cancelled or expired while the step ran: its output is dropped
+                continue
+            task.step = task.worker_state.evaluations
+            if not d:
+                self._call(task._publish, "progress", task._event_data())
+            elif task.id in finished_set:
+                try:
+                    images = self.worker.images(task.worker_state)
+                except Exception:
+                    self._fault([task], "reading back images failed")
+                    continue
+                task.worker_state = None  # free device memory now
+                self._call(self._complete, task, images)
+
+    def _total_evaluations(self, task: Task) -> int:
+        """Denoiser calls the request will take (sampler-specific, e.g. Heun: 2 per step but the last)."""
+        state = task.worker_state
+        count = getattr(state.sampler, "num_evaluations", None)
+        if callable(count):
+            try:
+                return int(count(task.request.num_inference_steps))
+            except Exception:  # noqa: BLE001 — an estimate only
+                pass
+        return task.request.num_inference_steps
+
+    def _fault(self, tasks: list[Task], what: str) -> None:
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("%s (error_id=%s, requests=%s)", what, error_id, [t.id for t in tasks])
+        self.metrics.engine_errors_total.inc()
+        with self._cond:
+            for task in tasks:
+                self.scheduler.remove(task.id)
+            self._gauges()
+        for task in tasks:
+            self._fail(task, 500, f"internal error while sampling (error id {error_id})", error_id)
+
+    def _fail(self, task: Task, status: int, message: str, error_id: str | None = None) -> None:
+        task.worker_state = None
+        self._call(self._fail_on_loop, task, status, message, error_id)
+
+    # -- completion (event-loop thread) -------------------------------------------------------
+
+    def _fail_on_loop(self, task: Task, status: int, message: str, error_id: str | None = None) -> None:
+        if task.done:
+            return
+        task.status = "failed"
+        task.finished = time.monotonic()
+        task.error_status, task.error_message, task.error_id = status, message, error_id
+        task._publish("failed")
+
+    def _complete(self, task: Task, images: np.ndarray) -> None:
+        async def encode() -> None:
+            try:
+                pngs = await run_in_threadpool(to_pngs, images)
+            except Exception:
+                error_id = uuid.uuid4().hex[:12]
+                log.exception("PNG encoding failed (error_id=%s, request=%s)", error_id, task.id)
+                message = f"internal error while encoding (error id {error_id})"
+                self._fail_on_loop(task, 500, message, error_id)
+                return
+            if task.done:
+                return
+            task.pngs = pngs
+            task.status = "completed"
+            task.finished = time.monotonic()
+            self.metrics.images_generated_total.labels(task.request.model).inc(len(pngs))
+            task._publish("completed")
+            if task.is_job:
+                self._trim_jobs()
+
+        asyncio.ensure_future(encode())

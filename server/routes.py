@@ -1,0 +1,414 @@
+"""HTTP routes: /generate, /v1/images/generations, /v1/jobs…, /v1/models, /v1/samplers, /health, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from server.app import ServerState
+from server.engine import Engine, EngineStopped, QueueFull, Task
+from server.metrics import CONTENT_TYPE
+from server.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    JobError,
+    JobInfo,
+    ModelList,
+    OpenAIImage,
+    OpenAIImageRequest,
+    OpenAIImagesResponse,
+    ResolvedRequest,
+    SamplerList,
+    Timings,
+    field_error,
+    resolve_generate,
+    resolve_openai,
+)
+
+SSE_KEEPALIVE_SECONDS = 15.0
+_JSON_OVERHEAD = 64 * 1024  # allowance for the non-image fields of a body
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def require_api_key(request: Request) -> None:
+    """Bearer-token check (constant time) when UNET_SERVER_API_KEY is set."""
+    key = _state(request).settings.api_key
+    if key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    ok = scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), key.get_secret_value().encode()
+    )
+    if not ok:
+        raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def ready_engine(request: Request) -> Engine:
+    state = _state(request)
+    if not state.ready or state.engine is None:
+        raise HTTPException(503, "models are loading; retry shortly", headers={"Retry-After": "5"})
+    return state.engine
+
+
+router = APIRouter()
+api = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+# -- body parsing ---------------------------------------------------------------------------------
+
+
+def _body_errors(exc: ValidationError) -> RequestValidationError:
+    errors = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(p) for p in err["loc"])
+        err = {**err, "loc": ("body", *err["loc"]), "msg": f"{field}: {err['msg']}" if field else err["msg"]}
+        if "control_image" in err["loc"]:
+            err["input"] = None  # never echo an image back
+        errors.append(err)
+    return RequestValidationError(errors)
+
+
+async def _json_body(request: Request, limit: int) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise HTTPException(413, f"request body is larger than {limit} bytes")
+    raw = await request.body()
+    if len(raw) > limit:
+        raise HTTPException(413, f"request body is larger than {limit} bytes")
+    try:
+        data = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": "body: not valid JSON", "input": None}]
+        ) from None
+    if not isinstance(data, dict):
+        raise RequestValidationError(
+            [{"type": "model_type", "loc": ("body",), "msg": "body: expected a JSON object", "input": None}]
+        )
+    return data
+
+
+async def _generate_body(request: Request, state: ServerState) -> tuple[GenerateRequest, bytes | None]:
+    """A GenerateRequest from JSON or multipart (``control_image`` as a file or base64 field)."""
+    s = state.settings
+    limit = s.max_control_image_bytes
+    control_bytes = None
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=32, max_part_size=2 * limit + _JSON_OVERHEAD)
+        try:
+            data: dict[str, Any] = {}
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    if key != "control_image":
+                        raise field_error(key, "unexpected file upload (only control_image takes a file)")
+                    control_bytes = await value.read(limit + 1)
+                    if len(control_bytes) > limit:
+                        raise field_error("control_image", f"control image is larger than {limit} bytes")
+                else:
+                    data[key] = value
+        finally:
+            await form.close()
+    else:
+        data = await _json_body(request, 2 * limit + _JSON_OVERHEAD)
+    try:
+        return GenerateRequest.model_validate(data), control_bytes
+    except ValidationError as exc:
+        raise _body_errors(exc) from None
+
+
+async def _submit(
+    request: Request, engine: Engine, resolved: ResolvedRequest, endpoint: str, timeout: float, is_job: bool
+) -> Task:
+    request.state.model = resolved.model
+    try:
+        return engine.submit(resolved, endpoint=endpoint, timeout=timeout, is_job=is_job)
+    except QueueFull:
+        raise HTTPException(
+            429, "the request queue is full; retry later", headers={"Retry-After": str(engine.retry_after())}
+        ) from None
+    except EngineStopped:
+        raise HTTPException(503, "server is shutting down", headers={"Retry-After": "5"}) from None
+
+
+async def _until_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _wait(request: Request, engine: Engine, task: Task, timeout: float) -> None:
+    """Wait for ``task``; a client disconnect (or a stuck engine) cancels it."""
+    waiter = asyncio.ensure_future(task.wait())
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({waiter, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        watcher.cancel()
+    if waiter in done or task.done:
+        return
+    engine.cancel(task.id)
+    if watcher in done:
+        raise HTTPException(499, "client disconnected")
+    raise HTTPException(504, "request passed its deadline")
+
+
+def _raise_for(task: Task) -> None:
+    if task.status == "completed":
+        return
+    if task.status == "cancelled":
+        raise HTTPException(409, "request was cancelled")
+    status = task.error_status or 500
+    if status == 500:
+        raise _ServerFault(task.error_message or "internal error", task.error_id)
+    raise HTTPException(status, task.error_message or "request failed")
+
+
+class _ServerFault(Exception):
+    def __init__(self, message: str, error_id: str | None) -> None:
+        self.message, self.error_id = message, error_id
+
+
+def _fault_response(exc: _ServerFault) -> JSONResponse:
+    return JSONResponse({"detail": exc.message, "error_id": exc.error_id}, status_code=500)
+
+
+def _generate_response(task: Task) -> GenerateResponse:
+    r = task.request
+    return GenerateResponse(
+        id=task.id,
+        model=r.model,
+        sampler=r.sampler,
+        num_inference_steps=r.num_inference_steps,
+        guidance_scale=r.guidance_scale,
+        width=r.width,
+        height=r.height,
+        seeds=r.seeds,
+        images=[base64.b64encode(p).decode() for p in task.pngs or []],
+        timings=Timings(**task.timings()),
+    )
+
+
+def _job_info(task: Task, engine: Engine) -> JobInfo:
+    error = None
+    if task.status == "failed":
+        error = JobError(status_code=task.error_status or 500, message=task.error_message or "",
+                         error_id=task.error_id)
+    return JobInfo(
+        id=task.id,
+        status=task.status,  # type: ignore[arg-type]
+        model=task.request.model,
+        step=task.step,
+        total_steps=task.total_steps,
+        queue_position=engine.queue_position(task.id) if task.status == "queued" else None,
+        result=_generate_response(task) if task.status == "completed" else None,
+        error=error,
+    )
+
+
+_GENERATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": GenerateRequest.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    **GenerateRequest.model_json_schema(),
+                    "properties": {
+                        **GenerateRequest.model_json_schema()["properties"],
+                        "control_image": {"type": "string", "format": "binary"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+# -- generation -----------------------------------------------------------------------------------
+
+
+@api.post(
+    "/generate",
+    response_model=GenerateResponse,
+    openapi_extra=_GENERATE_BODY,
+    responses={200: {"content": {"image/png": {}}, "description": "JSON, or a PNG with Accept: image/png"}},
+)
+async def generate(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+    """Generate images; waits for the result. A client that disconnects cancels its request."""
+    state = _state(request)
+    body, control = await _generate_body(request, state)
+    assert state.ctx is not None
+    resolved = await run_in_threadpool(resolve_generate, body, state.ctx, control)
+    timeout = state.settings.request_timeout_seconds
+    task = await _submit(request, engine, resolved, "generate", timeout, is_job=False)
+    await _wait(request, engine, task, timeout + 30.0)
+    try:
+        _raise_for(task)
+    except _ServerFault as exc:
+        return _fault_response(exc)
+    timings = task.timings()
+    if "image/png" in request.headers.get("accept", "") and resolved.num_images == 1:
+        headers = {
+            "X-Request-Id": task.id,
+            "X-Seed": str(resolved.seed),
+            "X-Model": resolved.model,
+            "X-Sampler": resolved.sampler,
+            "X-Num-Inference-Steps": str(resolved.num_inference_steps),
+            "X-Queue-Seconds": f"{timings['queue_seconds']:.6f}",
+            "X-Sampling-Seconds": f"{timings['sampling_seconds']:.6f}",
+            "X-Total-Seconds": f"{timings['total_seconds']:.6f}",
+        }
+        return Response((task.pngs or [b""])[0], media_type="image/png", headers=headers)
+    return JSONResponse(_generate_response(task).model_dump())
+
+
+@api.post("/v1/images/generations", response_model=OpenAIImagesResponse)
+async def openai_images(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+    """OpenAI-compatible image generation (response_format b64_json). Class models take a class name."""
+    state = _state(request)
+    data = await _json_body(request, _JSON_OVERHEAD)
+    try:
+        body = OpenAIImageRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _body_errors(exc) from None
+    assert state.ctx is not None
+    resolved = resolve_openai(body, state.ctx)
+    timeout = state.settings.request_timeout_seconds
+    task = await _submit(request, engine, resolved, "images", timeout, is_job=False)
+    await _wait(request, engine, task, timeout + 30.0)
+    try:
+        _raise_for(task)
+    except _ServerFault as exc:
+        return _fault_response(exc)
+    out = OpenAIImagesResponse(
+        created=int(task.created_wall),
+        data=[OpenAIImage(b64_json=base64.b64encode(p).decode()) for p in task.pngs or []],
+    )
+    return JSONResponse(out.model_dump())
+
+
+# -- jobs -----------------------------------------------------------------------------------------
+
+
+def _job(engine: Engine, job_id: str) -> Task:
+    task = engine.jobs.get(job_id)
+    if task is None:
+        raise HTTPException(404, f"no job {job_id!r}")
+    return task
+
+
+@api.post("/v1/jobs", status_code=202, response_model=JobInfo, openapi_extra=_GENERATE_BODY)
+async def create_job(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+    """Queue a generation; poll GET /v1/jobs/{id} or stream GET /v1/jobs/{id}/events."""
+    state = _state(request)
+    body, control = await _generate_body(request, state)
+    assert state.ctx is not None
+    resolved = await run_in_threadpool(resolve_generate, body, state.ctx, control)
+    task = await _submit(request, engine, resolved, "jobs", state.settings.job_timeout_seconds, is_job=True)
+    info = _job_info(task, engine)
+    return JSONResponse(info.model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{task.id}"})
+
+
+@api.get("/v1/jobs/{job_id}", response_model=JobInfo)
+async def get_job(job_id: str, engine: Engine = Depends(ready_engine)) -> JobInfo:
+    """Status, step, total steps, queue position; the result once completed."""
+    return _job_info(_job(engine, job_id), engine)
+
+
+@api.post("/v1/jobs/{job_id}/cancel", response_model=JobInfo)
+async def cancel_job(job_id: str, engine: Engine = Depends(ready_engine)) -> Response:
+    """Cancel a queued or running job (409 when it has already finished)."""
+    task = _job(engine, job_id)
+    if not engine.cancel(job_id):
+        return JSONResponse(
+            {"detail": f"job {job_id} is already {task.status}", "status": task.status}, status_code=409
+        )
+    return JSONResponse(_job_info(task, engine).model_dump())
+
+
+@api.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse)
+async def job_events(job_id: str, request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+    """Server-sent events: queued, started, progress (per step), then completed, failed or cancelled."""
+    task = _job(engine, job_id)
+    queue = task.subscribe()
+
+    async def stream() -> Any:
+        try:
+            while True:
+                try:
+                    event, data = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_SECONDS)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if event == "queued" and task.status == "queued":
+                    data = {**data, "queue_position": engine.queue_position(task.id)}
+                if event == "completed":
+                    data = _job_info(task, engine).model_dump()
+                yield f"event: {event}\ndata: {json.dumps(data)}\n\n"
+                if event in ("completed", "failed", "cancelled"):
+                    return
+        finally:
+            task.unsubscribe(queue)
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+# -- catalogue, health, metrics -------------------------------------------------------------------
+
+
+@api.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request, engine: Engine = Depends(ready_engine)) -> ModelList:
+    """Loaded models: conditioning each accepts (classes with names, text, control) and defaults."""
+    return ModelList(data=list(_state(request).models.values()))
+
+
+@api.get("/v1/samplers", response_model=SamplerList)
+async def list_samplers(request: Request, engine: Engine = Depends(ready_engine)) -> SamplerList:
+    """Sampler names accepted by ``sampler`` (aliases included)."""
+    return SamplerList(data=_state(request).samplers)
+
+
+@router.get("/health/live")
+async def live() -> dict[str, str]:
+    """The process answers (no model or engine check)."""
+    return {"status": "ok"}
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> Response:
+    """200 once every model is loaded and every batch bucket warmed; 503 before (or if loading failed)."""
+    state = _state(request)
+    if state.ready and state.engine is not None and state.engine.running:
+        return JSONResponse({"status": "ready", "models": sorted(state.models), "device": state.device})
+    if state.load_error:
+        return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
+    return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+router.include_router(api)

@@ -1,0 +1,400 @@
+"""Request/response models and the one place input is validated.
+
+Static bounds live on the pydantic fields; checks that need the loaded models or the configured caps live
+in ``resolve_generate`` / ``resolve_openai``. Every failure is a 422 whose ``detail[].loc`` names the field.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.imaging import ImageDecodeError, decode_base64, decode_control_image
+from server.settings import Settings
+
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 2000
+
+
+def field_error(field: str, message: str, value: Any = None) -> RequestValidationError:
+    """A 422 for one body field, shaped like FastAPI's own validation errors."""
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("body", field), "msg": f"{field}: {message}", "input": value}]
+    )
+
+
+# -- models as clients see them -------------------------------------------------------------------
+
+
+class ClassInfo(BaseModel):
+    index: int
+    name: str
+
+
+class ControlInfo(BaseModel):
+    type: str
+    channels: int
+
+
+class Conditioning(BaseModel):
+    classes: list[ClassInfo] | None = Field(None, description="Class labels accepted (class models).")
+    text: bool = Field(False, description="Whether a text prompt is accepted.")
+    control: ControlInfo | None = Field(None, description="Control map accepted (ControlNet models).")
+
+
+class ModelDefaults(BaseModel):
+    sampler: str
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+
+
+class ModelSpec(BaseModel):
+    """A loaded model as /v1/models reports it (OpenAI-style list entry plus our fields)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "unet-server"
+    kind: Literal["class", "text"]
+    schedule: Literal["vp", "flow"] = Field(description="noise schedule family (decides the samplers)")
+    base_model: str | None = None
+    image_channels: int
+    sample_size: int
+    size_multiple: int = Field(description="width and height must be multiples of this")
+    null_class_label: int | None = Field(None, exclude=True)
+    conditioning: Conditioning
+    defaults: ModelDefaults
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelSpec]
+
+
+class SamplerInfo(BaseModel):
+    name: str
+    aliases: list[str] = []
+    kind: str = Field("ode", description='"ode" (deterministic) or "sde" (stochastic, seeded per request)')
+    model_kinds: list[str] = Field(default_factory=list, description="schedules it supports: vp, flow")
+    default_spacing: str | None = None
+    evaluations_per_step: int = 1
+    description: str = ""
+
+
+class SamplerList(BaseModel):
+    data: list[SamplerInfo]
+
+
+# -- /generate ------------------------------------------------------------------------------------
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /generate and POST /v1/jobs (JSON, or multipart with a ``control_image`` file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Model id; optional when one model is loaded.")
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="Text models only.")
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="Text models only.")
+    class_label: int | str | None = Field(
+        None, description="Class index or name (class models); omitted = unconditional."
+    )
+    control_image: str | None = Field(None, description="Base64 PNG/JPEG control map (ControlNet models).")
+    control_scale: float = Field(1.0, ge=0.0, le=4.0)
+    num_inference_steps: int | None = Field(None, ge=1, le=10_000)
+    sampler: str | None = Field(None, max_length=64)
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description="1 disables guidance.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i uses seed + i; omitted = random.")
+    num_images: int = Field(1, ge=1, le=1024)
+    width: int | None = Field(None, ge=1, le=16_384)
+    height: int | None = Field(None, ge=1, le=16_384)
+
+
+class Timings(BaseModel):
+    queue_seconds: float
+    sampling_seconds: float
+    total_seconds: float
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    sampler: str
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    seeds: list[int]
+    images: list[str] = Field(description="Base64 PNGs, one per seed.")
+    timings: Timings
+
+
+# -- OpenAI images API ----------------------------------------------------------------------------
+
+
+class OpenAIImageRequest(BaseModel):
+    """POST /v1/images/generations; unknown OpenAI options (quality, style, user, …) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=1024)
+    size: str | None = Field(None, description='"WIDTHxHEIGHT", e.g. "32x32"; omitted = model default.')
+    response_format: str = Field("b64_json", description='Only "b64_json" is served.')
+    # Extensions (send through the OpenAI client's extra_body).
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    sampler: str | None = Field(None, max_length=64)
+    num_inference_steps: int | None = Field(None, ge=1, le=10_000)
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+
+
+# -- jobs -----------------------------------------------------------------------------------------
+
+JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+
+
+class JobError(BaseModel):
+    status_code: int
+    message: str
+    error_id: str | None = None
+
+
+class JobInfo(BaseModel):
+    id: str
+    status: JobStatus
+    model: str
+    step: int
+    total_steps: int
+    queue_position: int | None = Field(None, description="Waiting requests ahead; null once started.")
+    result: GenerateResponse | None = None
+    error: JobError | None = None
+
+
+# -- resolution against loaded models and caps ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValidationContext:
+    """What resolution needs to know: loaded models, sampler names, caps."""
+
+    models: Mapping[str, ModelSpec]
+    # (sampler name or alias, schedule kind) -> the name to sample with; ValueError saying why not
+    check_sampler: Callable[[str, str], str]
+    settings: Settings
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A fully validated generation request with every default filled in."""
+
+    model: str
+    prompt: str | None
+    negative_prompt: str | None
+    class_label: int | None
+    control: Any  # float32 numpy (height, width) in [0, 1], or None
+    control_scale: float
+    num_inference_steps: int
+    sampler: str
+    guidance_scale: float
+    seed: int
+    num_images: int
+    width: int
+    height: int
+    guided: bool  # whether rows carry an unconditional half
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.num_images)]
+
+    @property
+    def rows(self) -> int:
+        return self.num_images * (2 if self.guided else 1)
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-/]+", "", name.lower())
+
+
+def _pick_model(name: str | None, ctx: ValidationContext) -> ModelSpec:
+    if name is None:
+        if len(ctx.models) == 1:
+            return next(iter(ctx.models.values()))
+        raise field_error("model", f"required when several models are loaded; one of {sorted(ctx.models)}")
+    spec = ctx.models.get(name)
+    if spec is None:
+        raise field_error("model", f"unknown model {name!r}; loaded: {sorted(ctx.models)}", name)
+    return spec
+
+
+def _class_index(value: int | str, spec: ModelSpec, field: str) -> int:
+    classes = spec.conditioning.classes or []
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, int):
+        if 0 <= value < len(classes):
+            return value
+        raise field_error(field, f"class index {value} out of range [0, {len(classes) - 1}]", value)
+    wanted = _norm(value)
+    for c in classes:
+        if _norm(c.name) == wanted:
+            return c.index
+    names = ", ".join(c.name for c in classes)
+    raise field_error(field, f"unknown class {value!r} for model {spec.id!r}; one of: {names}", value)
+
+
+def _size(value: int | None, default: int, field: str, spec: ModelSpec, settings: Settings) -> int:
+    if value is None:
+        return default
+    if value > settings.max_image_size:
+        raise field_error(field, f"{value} exceeds the maximum image size {settings.max_image_size}", value)
+    if value % spec.size_multiple or value < spec.size_multiple:
+        raise field_error(field, f"{value} must be a positive multiple of {spec.size_multiple}", value)
+    return value
+
+
+def resolve_generate(
+    req: GenerateRequest, ctx: ValidationContext, control_bytes: bytes | None = None
+) -> ResolvedRequest:
+    """Check ``req`` against the loaded models and caps; decodes the control map (CPU: call off-loop)."""
+    s = ctx.settings
+    spec = _pick_model(req.model, ctx)
+    cond = spec.conditioning
+    if req.prompt is not None and not cond.text:
+        raise field_error(
+            "prompt", f"model {spec.id!r} is class-conditional and takes no prompt; send class_label",
+            req.prompt,
+        )
+    if req.negative_prompt is not None and not cond.text:
+        raise field_error("negative_prompt", f"model {spec.id!r} takes no text", req.negative_prompt)
+    class_label = None
+    if req.class_label is not None:
+        if not cond.classes:
+            raise field_error(
+                "class_label", f"model {spec.id!r} is text-conditional and takes no class_label; send prompt",
+                req.class_label,
+            )
+        class_label = _class_index(req.class_label, spec, "class_label")
+    has_control = req.control_image is not None or control_bytes is not None
+    if has_control and cond.control is None:
+        raise field_error("control_image", f"model {spec.id!r} has no ControlNet; it takes no control image")
+
+    sampler_name = req.sampler or spec.defaults.sampler
+    try:
+        sampler = ctx.check_sampler(sampler_name, spec.schedule)
+    except ValueError as exc:
+        raise field_error("sampler", str(exc), req.sampler) from None
+    steps = req.num_inference_steps or spec.defaults.num_inference_steps
+    if steps > s.max_inference_steps:
+        raise field_error(
+            "num_inference_steps", f"{steps} exceeds the maximum {s.max_inference_steps}", steps
+        )
+    if req.num_images > s.max_images:
+        message = f"{req.num_images} exceeds the maximum {s.max_images}"
+        raise field_error("num_images", message, req.num_images)
+    width = _size(req.width, spec.defaults.width, "width", spec, s)
+    height = _size(req.height, spec.defaults.height, "height", spec, s)
+    guidance = spec.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
+    # Guidance needs an unconditional row: text models always have one (""), class models a null class.
+    guided = guidance != 1.0 and (
+        (cond.text) or (class_label is not None and spec.null_class_label is not None)
+    )
+    rows = req.num_images * (2 if guided else 1)
+    if rows > s.max_batch_rows:
+        raise field_error(
+            "num_images",
+            f"{req.num_images} images{' with guidance' if guided else ''} need {rows} rows; "
+            f"max_batch_rows is {s.max_batch_rows}",
+            req.num_images,
+        )
+
+    control = None
+    if has_control:
+        try:
+            data = control_bytes
+            if data is None:
+                data = decode_base64(req.control_image or "", s.max_control_image_bytes)
+            control = decode_control_image(
+                data, width=width, height=height,
+                max_bytes=s.max_control_image_bytes, max_pixels=s.max_control_image_pixels,
+            )
+        except ImageDecodeError as exc:
+            raise field_error("control_image", str(exc)) from None
+
+    return ResolvedRequest(
+        model=spec.id,
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        class_label=class_label,
+        control=control,
+        control_scale=req.control_scale,
+        num_inference_steps=steps,
+        sampler=sampler,
+        guidance_scale=float(guidance),
+        seed=secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed,
+        num_images=req.num_images,
+        width=width,
+        height=height,
+        guided=guided,
+    )
+
+
+_SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+
+
+def resolve_openai(req: OpenAIImageRequest, ctx: ValidationContext) -> ResolvedRequest:
+    """Map an OpenAI images request onto ``resolve_generate``; a class model takes a class name as prompt."""
+    if req.response_format != "b64_json":
+        raise field_error(
+            "response_format",
+            f"{req.response_format!r} is not served; this server returns images inline: use \"b64_json\"",
+            req.response_format,
+        )
+    width = height = None
+    if req.size is not None and req.size != "auto":
+        m = _SIZE_RE.match(req.size)
+        if not m:
+            raise field_error("size", f'{req.size!r} is not "WIDTHxHEIGHT" (e.g. "32x32")', req.size)
+        width, height = int(m.group(1)), int(m.group(2))
+    spec = _pick_model(req.model, ctx)
+    prompt: str | None = req.prompt
+    class_label: str | None = None
+    if not spec.conditioning.text:
+        class_label, prompt = req.prompt, None
+    try:
+        gen = GenerateRequest(
+            model=spec.id, prompt=prompt, negative_prompt=req.negative_prompt, class_label=class_label,
+            num_inference_steps=req.num_inference_steps, sampler=req.sampler,
+            guidance_scale=req.guidance_scale, seed=req.seed, num_images=req.n, width=width, height=height,
+        )
+    except Exception as exc:  # pydantic.ValidationError: map our field names back onto OpenAI's
+        raise field_error("size", str(exc)) from None
+    try:
+        return resolve_generate(gen, ctx)
+    except RequestValidationError as exc:
+        renamed = {"num_images": "n", "width": "size", "height": "size", "class_label": "prompt"}
+        errors = []
+        for err in exc.errors():
+            field = err["loc"][-1]
+            new = renamed.get(field, field)
+            errors.append({**err, "loc": ("body", new), "msg": err["msg"].replace(f"{field}:", f"{new}:", 1)})
+        raise RequestValidationError(errors) from None

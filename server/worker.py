@@ -1,0 +1,276 @@
+"""Owns the models and the device: packs rows of many requests into one denoiser call per engine step.
+
+No queueing logic lives here (that is ``scheduler.py``). A request's worker state (``RequestState``) holds
+one sampler state per image (image i draws from its own ``RequestNoise(seed + i)``, so an image is the same
+whether requested alone or as part of a batch) plus the conditioning rows, built once at ``prepare``.
+
+Row layout of one request inside a forward pass: its n images, then (with guidance) the same n images again
+with the unconditional conditioning. Forward passes are padded to the next batch bucket (repeating the first
+row, so padding is always finite input); every bucket runs once at ``warmup``. The padded call goes through
+``self._forward`` so a CUDA-graph runner (model/cuda_graphs.py) can replace it without touching the rest.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.denoiser import cfg_combine
+from model.noise import RequestNoise
+from model.pipeline import Pipeline
+from server.schemas import ResolvedRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class RequestState:
+    """Worker-side state of one request: sampler states and its conditioning rows (on the device)."""
+
+    pipeline: Pipeline
+    sampler: Any
+    states: list[Any]  # one sampler state per image
+    num_images: int
+    guided: bool
+    guidance_scale: float
+    class_labels: torch.Tensor | None  # (rows,) long
+    context: torch.Tensor | None  # (rows, L, D)
+    control: torch.Tensor | None  # (rows, 1, H, W) in [0, 1]
+    control_scale: float
+    evaluations: int = 0  # denoiser calls this request has taken
+
+    @property
+    def rows(self) -> int:
+        return self.num_images * (2 if self.guided else 1)
+
+
+class Worker:
+    """Runs one packed denoiser forward pass per ``step`` over the rows of many requests."""
+
+    def __init__(self, pipelines: dict[str, Pipeline], buckets: Sequence[int], prompt_cache_size: int = 1024):
+        if not pipelines:
+            raise ValueError("no pipelines")
+        self.pipelines = pipelines
+        self.buckets = sorted(set(int(b) for b in buckets))
+        first = next(iter(pipelines.values()))
+        self.device = first.device
+        self._prompt_cache: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
+        self._prompt_cache_size = prompt_cache_size
+        self.warmed: set[tuple[Hashable, int]] = set()
+        # A base model with several ControlNets cannot run them all in one call: key those apart.
+        per_unet: dict[int, set[int]] = {}
+        for p in pipelines.values():
+            if p.controlnet is not None:
+                per_unet.setdefault(id(p.unet), set()).add(id(p.controlnet))
+        self._split_controlnets = {u for u, cns in per_unet.items() if len(cns) > 1}
+
+    @property
+    def max_rows(self) -> int:
+        return self.buckets[-1]
+
+    def bucket_for(self, rows: int) -> int:
+        return self.buckets[bisect.bisect_left(self.buckets, rows)]
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def batch_key(self, req: ResolvedRequest) -> Hashable:
+        """Requests with equal keys can share a forward pass: same U-Net instance, shape and dtype."""
+        p = self.pipelines[req.model]
+        key: tuple[Any, ...] = (id(p.unet), p.image_channels, req.height, req.width, str(p.dtype))
+        if id(p.unet) in self._split_controlnets and req.control is not None:
+            key += (id(p.controlnet),)
+        return key
+
+    def _encode(self, pipeline: Pipeline, prompts: list[str]) -> list[torch.Tensor]:
+        """Context rows (L, D) per prompt, from the cache or one batched encoder call."""
+        enc = pipeline.text_encoder
+        missing = sorted({p for p in prompts if (id(enc), p) not in self._prompt_cache})
+        if missing:
+            states = enc.encode(missing).to(self.device)  # (M, L, D)
+            for prompt, row in zip(missing, states, strict=True):
+                self._prompt_cache[(id(enc), prompt)] = row
+        out = []
+        for p in prompts:
+            self._prompt_cache.move_to_end((id(enc), p))
+            out.append(self._prompt_cache[(id(enc), p)])
+        while len(self._prompt_cache) > self._prompt_cache_size:
+            self._prompt_cache.popitem(last=False)
+        return out
+
+    @torch.no_grad()
+    def prepare(self, req: ResolvedRequest) -> RequestState:
+        """Draw initial noise, build sampler states and conditioning rows for one request."""
+        from model.samplers import get_sampler
+
+        p = self.pipelines[req.model]
+        n, dev = req.num_images, self.device
+        sampler = get_sampler(req.sampler, p.schedule.kind)
+        sigmas = sampler.make_sigmas(p.schedule, req.num_inference_steps)
+        shape = (1, p.image_channels, req.height, req.width)
+        states = []
+        for seed in req.seeds:
+            noise = RequestNoise(seed)
+            states.append(sampler.init(noise.initial(shape, dev), sigmas, generator=noise))
+
+        class_labels = context = control = None
+        if p.kind == "class":
+            null = p.null_class_label
+            label = req.class_label if req.class_label is not None else null
+            if label is None:
+                label = 0  # no null row in this model: an unconditional request samples class 0
+            labels = [label] * n + ([null] * n if req.guided else [])
+            class_labels = torch.tensor(labels, dtype=torch.long, device=dev)  # (rows,)
+        else:
+            prompts = [req.prompt or ""]
+            if req.guided:
+                prompts.append(req.negative_prompt or "")
+            rows = self._encode(p, prompts)
+            parts = [rows[0].expand(n, *rows[0].shape)]
+            if req.guided:
+                parts.append(rows[1].expand(n, *rows[1].shape))
+            context = torch.cat(parts)  # (rows, L, D)
+        if req.control is not None:
+            cond = torch.from_numpy(np.ascontiguousarray(req.control)).to(dev)  # (H, W)
+            control = cond[None, None].expand(n * (2 if req.guided else 1), 1, *cond.shape)  # (rows, 1, H, W)
+        return RequestState(
+            pipeline=p,
+            sampler=sampler,
+            states=states,
+            num_images=n,
+            guided=req.guided,
+            guidance_scale=req.guidance_scale,
+            class_labels=class_labels,
+            context=context,
+            control=control,
+            control_scale=req.control_scale,
+        )
+
+    # -- one engine step ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, requests: Sequence[RequestState]) -> list[bool]:
+        """One denoiser forward pass over every row of ``requests`` (same batch key); advance each sampler.
+
+        Returns per request whether its sampler is done.
+        """
+        xs, sigmas = [], []
+        for r in requests:
+            inputs = [r.sampler.next_input(s) for s in r.states]
+            x = torch.cat([i[0] for i in inputs])  # (n, C, H, W)
+            sigma = torch.cat(
+                [torch.as_tensor(i[1], dtype=torch.float64).reshape(-1) for i in inputs]
+            )  # (n,)
+            if sigma.shape[0] != x.shape[0]:
+                sigma = sigma.expand(x.shape[0])
+            if r.guided:
+                x, sigma = torch.cat([x, x]), torch.cat([sigma, sigma])  # (2n, C, H, W), (2n,)
+            xs.append(x)
+            sigmas.append(sigma)
+        x = torch.cat(xs)  # (B, C, H, W)
+        sigma = torch.cat(sigmas).to(x.device)  # (B,)
+        head = requests[0].pipeline
+        class_labels = torch.cat([r.class_labels for r in requests]) if head.kind == "class" else None
+        context = torch.cat([r.context for r in requests]) if head.kind == "text" else None
+        denoiser, control, scale, mask = head.denoiser, None, None, None
+        with_control = [r for r in requests if r.control is not None]
+        if with_control:
+            denoiser = with_control[0].pipeline.denoiser
+            zeros = x.new_zeros((1, 1, *x.shape[2:]))
+            control = torch.cat(
+                [r.control if r.control is not None else zeros.expand(r.rows, -1, -1, -1) for r in requests]
+            )  # (B, 1, H, W)
+            scale = torch.cat(
+                [x.new_full((r.rows,), r.control_scale if r.control is not None else 0.0) for r in requests]
+            )  # (B,)
+            if len(with_control) < len(requests):
+                mask = torch.cat(
+                    [torch.full((r.rows,), r.control is not None, dtype=torch.bool) for r in requests]
+                )  # (B,)
+        x0 = self._forward(denoiser, x, sigma, class_labels, context, control, scale, mask)  # (B, C, H, W)
+
+        done = []
+        offset = 0
+        for r in requests:
+            n = r.num_images
+            out = x0[offset : offset + r.rows]
+            offset += r.rows
+            if r.guided:
+                out = cfg_combine(out[:n], out[n:], r.guidance_scale)  # (n, C, H, W)
+            r.states = [r.sampler.advance(s, out[i : i + 1]) for i, s in enumerate(r.states)]
+            r.evaluations += 1
+            done.append(all(r.sampler.done(s) for s in r.states))
+        return done
+
+    def _forward(
+        self,
+        denoiser: Any,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        context: torch.Tensor | None,
+        control: torch.Tensor | None,
+        scale: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The denoiser on rows padded up to their bucket (pad = copies of row 0); returns the real rows."""
+        rows = x.shape[0]
+        pad = self.bucket_for(rows) - rows
+
+        def padded(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or pad == 0:
+                return t
+            return torch.cat([t, t[:1].expand(pad, *t.shape[1:])])  # (bucket, ...)
+
+        if mask is not None and pad:
+            mask = torch.cat([mask, mask.new_zeros(pad)])
+        out = denoiser(
+            padded(x),
+            padded(sigma),
+            class_labels=padded(class_labels),
+            context=padded(context),
+            control_cond=padded(control),
+            control_scale=padded(scale),
+            control_mask=mask,
+        )
+        return out[:rows]
+
+    # -- results and warm-up ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def images(self, r: RequestState) -> np.ndarray:
+        """Final images as uint8 (n, H, W, C): round((x + 1) / 2 * 255), clamped."""
+        x = torch.cat([r.sampler.result(s) for s in r.states]).float()  # (n, C, H, W)
+        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return x.permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, C)
+
+    @torch.no_grad()
+    def warmup(self) -> None:
+        """Run every batch bucket once for each distinct denoiser configuration at its default size."""
+        for p in self.pipelines.values():
+            d = p.defaults
+            key = (id(p.unet), id(p.controlnet), d.height, d.width)
+            for b in self.buckets:
+                if (key, b) in self.warmed:
+                    continue
+                x = torch.zeros(b, p.image_channels, d.height, d.width, device=self.device)
+                sigma = torch.full((b,), float(p.schedule.sigma_max), dtype=torch.float64, device=self.device)
+                labels = context = control = scale = None
+                if p.kind == "class":
+                    labels = torch.full((b,), p.null_class_label or 0, dtype=torch.long, device=self.device)
+                else:
+                    context = self._encode(p, [""])[0].expand(b, -1, -1)  # (b, L, D)
+                if p.controlnet is not None:
+                    control = torch.zeros(b, 1, d.height, d.width, device=self.device)
+                    scale = torch.ones(b, device=self.device)
+                self._forward(p.denoiser, x, sigma, labels, context, control, scale, None)
+                self.warmed.add((key, b))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("warmed %d (model, bucket) pairs; buckets %s", len(self.warmed), self.buckets)
