@@ -1,0 +1,66 @@
+"""Per-request seeded noise: the initial noise and every SDE draw of one request come from its own generator.
+
+Draws happen in fp32 on the CPU and are then moved to the target device, so a seed gives the same image on
+CPU and GPU and whatever other requests share the batch (or the order their rows were packed in).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+
+Shape = tuple[int, ...] | torch.Size
+MAX_SEED = 2**32 - 1  # 32-bit seeds, like A1111; safe as a JSON number in every client
+
+
+def random_seed() -> int:
+    """A fresh seed in [0, MAX_SEED] from the OS entropy pool (not from torch's global generator)."""
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+class RequestNoise:
+    """One request's random stream. `seed=None` picks a random seed, recorded in `.seed` to report back.
+
+    `initial(shape)` and `step(shape)` draw from the same CPU torch.Generator, in call order, so a request's
+    sampling is reproducible given its seed, sampler and grid.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        if seed is None:
+            seed = random_seed()
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        self.seed = seed
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed)
+
+    def initial(self, shape: Shape, device: torch.device | str | None = None) -> torch.Tensor:
+        """Unit Gaussian initial noise (fp32), drawn on the CPU, returned on `device`."""
+        return self._draw(shape, device)
+
+    def step(self, shape: Shape, device: torch.device | str | None = None) -> torch.Tensor:
+        """Unit Gaussian noise for one SDE step (fp32), drawn on the CPU, returned on `device`."""
+        return self._draw(shape, device)
+
+    def _draw(self, shape: Shape, device: torch.device | str | None) -> torch.Tensor:
+        z = torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
+        if device is not None and torch.device(device).type != "cpu":
+            # The CPU draw is in pageable memory; a plain copy is enough for a (C, H, W) tensor.
+            z = z.to(device)
+        return z
+
+    def __repr__(self) -> str:
+        return f"RequestNoise(seed={self.seed})"
+
+
+def draw_step_noise(
+    generator: RequestNoise | torch.Generator | None, like: torch.Tensor
+) -> torch.Tensor:
+    """Noise shaped like `like` (fp32, on its device) from a RequestNoise or a torch.Generator."""
+    if isinstance(generator, RequestNoise):
+        return generator.step(like.shape, like.device)
+    if isinstance(generator, torch.Generator):
+        z = torch.randn(like.shape, generator=generator, device=generator.device, dtype=torch.float32)
+        return z.to(like.device)
+    raise ValueError("a stochastic sampler needs a generator (RequestNoise or torch.Generator) in its state")
