@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -117,8 +118,14 @@ def _load(state: ServerState, text_encoder_loader: Callable[..., Any] | None) ->
     s = state.settings
     device, dtype = _resolve_device_dtype(s)
     state.device = str(device)
+    weights_dir = s.weights_dir
+    if not weights_dir.exists() and not weights_dir.is_absolute():
+        # Installed console script run outside the repo: fall back to the weights beside the package.
+        beside = Path(__file__).resolve().parents[1] / weights_dir
+        if beside.is_dir():
+            weights_dir = beside
     pipelines = load_pipelines(
-        s.weights_dir, s.models or None, device=device, dtype=dtype, text_encoder_loader=text_encoder_loader
+        weights_dir, s.models or None, device=device, dtype=dtype, text_encoder_loader=text_encoder_loader
     )
     modules = {id(m): m for p in pipelines.values() for m in (p.unet, p.controlnet) if m is not None}
     dims: set[int] = set()

@@ -317,9 +317,8 @@ class Engine:
             if task.done:  # cancelled or expired while the step ran: its output is dropped
                 continue
             task.step = task.worker_state.evaluations
-            if not d:
-                self._call(task._publish, "progress", task._event_data())
-            elif task.id in finished_set:
+            self._call(task._publish, "progress", task._event_data())
+            if d and task.id in finished_set:
                 try:
                     images = self.worker.images(task.worker_state)
                 except Exception:
