@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
+from server.app import COUNTED_ENDPOINTS
 from server.metrics import Metrics
 
 from ._files import DASHBOARD, promtool
@@ -21,6 +22,7 @@ from ._files import DASHBOARD, promtool
 METRIC_NAME = re.compile(r"\bunet_server_[a-zA-Z0-9_]+")
 SELECTOR = re.compile(r"(unet_server_[a-zA-Z0-9_]+)\{([^}]*)\}")
 MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+EXACT_MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:!=|=)\s*\"([^\"]*)\"")
 _SUFFIXES = {
     "counter": ["_total", "_created"],
     "gauge": [""],
@@ -91,6 +93,9 @@ def test_dashboard_references_only_exported_metrics_and_labels(dashboard: dict) 
             labels = set(MATCHER.findall(matchers))
             missing = sorted(labels - exported[name])
             assert not missing, f"{title}: {name} has no label(s) {missing}"
+            for label, value in EXACT_MATCHER.findall(matchers):
+                if label == "endpoint":  # values the server's request counter really uses
+                    assert value in set(COUNTED_ENDPOINTS.values()), f"{title}: no endpoint {value!r}"
 
 
 def test_histogram_quantiles_aggregate_buckets_by_le(dashboard: dict) -> None:
