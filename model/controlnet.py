@@ -65,6 +65,9 @@ class ControlNet(nn.Module):
         self.controlnet_down_blocks = nn.ModuleList([zero_module(c) for c in convs])
         ch = config.block_out_channels[-1]
         self.controlnet_mid_block = zero_module(nn.Conv2d(ch, ch, 1))
+        self._needs_context = config.mid_block_type == "UNetMidBlock2DCrossAttn" or any(
+            b.startswith("CrossAttn") for b in config.down_block_types
+        )
 
     @classmethod
     def from_unet(
@@ -106,6 +109,8 @@ class ControlNet(nn.Module):
     ) -> ControlResiduals:
         """x (B, C, H, W); t (B,); cond (B, Cc, H', W') in [0, 1] at image resolution (H' = H * 2^k);
         context (B, L, D); class_labels (B,); scale float or (B,) per-row strength. -> ControlResiduals."""
+        if context is None and self._needs_context:
+            raise ValueError("this ControlNet has cross-attention; pass context (B, L, cross_attention_dim)")
         if self.config.controlnet_conditioning_channel_order == "bgr":
             cond = torch.flip(cond, dims=[1])
         emb = embed_conditioning(self, x, t, class_labels)  # (B, T)
