@@ -290,6 +290,15 @@ class GraphedUNet(GraphedCallable):
         kwargs.setdefault("device", _module_device(unet))
         super().__init__(self._forward, buckets, **kwargs)
 
+    # The attributes callers such as model.denoiser.Denoiser read off a U-Net.
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(self.unet, "dtype", next(self.unet.parameters()).dtype)
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.unet, "config", None)
+
     def _forward(self, x, t, class_labels=None, context=None, control=None):
         return self.unet(x, t, class_labels=class_labels, context=context, control=control)
 
@@ -308,3 +317,96 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+class GraphedDenoiser(GraphedCallable):
+    """A ``model.denoiser.Denoiser`` call (σ→t, c_in, ControlNet, U-Net, x0 conversion) behind graphs.
+
+    Same call as ``Denoiser.__call__``, so the worker can swap it in. Differences, all for static shapes
+    and no host syncs:
+    - ``control_mask`` is folded into ``control_scale`` (rows outside the mask get scale 0, i.e. exactly
+      zero residuals) instead of running the ControlNet on a subset of rows;
+    - with and without control are separate graphs (warm both up if both occur);
+    - outputs are cloned by default: a sampler keeps the x0 estimate of a step (DPM++2M's history), so a
+      view into the static output would be overwritten by the next replay.
+    """
+
+    def __init__(self, denoiser: Any, buckets: Sequence[int] = DEFAULT_BUCKETS, **kwargs: Any):
+        self.denoiser = denoiser
+        kwargs.setdefault("device", _module_device(denoiser.unet) if hasattr(denoiser, "unet") else None)
+        kwargs.setdefault("clone_outputs", True)
+        super().__init__(self._forward, buckets, **kwargs)
+
+    def _forward(self, x, sigma, class_labels=None, context=None, control_cond=None, control_scale=None):
+        return self.denoiser(
+            x,
+            sigma,
+            class_labels=class_labels,
+            context=context,
+            control_cond=control_cond,
+            control_scale=control_scale,
+        )
+
+    @staticmethod
+    def _canonical(x, sigma, control_cond, control_scale, control_mask):
+        rows = x.shape[0]
+        if not torch.is_tensor(sigma):
+            sigma = torch.tensor(list(sigma), dtype=torch.float64)
+        if sigma.dim() == 0:
+            sigma = sigma.expand(rows)
+        if control_cond is None:
+            return sigma, None
+        if control_scale is None:
+            control_scale = 1.0
+        if not torch.is_tensor(control_scale) or control_scale.dim() == 0:
+            control_scale = torch.as_tensor(control_scale, dtype=torch.float32, device=x.device).expand(rows)
+        if control_mask is not None:
+            control_scale = control_scale * control_mask.to(
+                device=control_scale.device, dtype=control_scale.dtype
+            )  # (B,)
+        return sigma, control_scale
+
+    def __call__(
+        self,
+        x,
+        sigma,
+        class_labels=None,
+        context=None,
+        control_cond=None,  # type: ignore[override]
+        control_scale=None,
+        control_mask=None,
+    ):
+        """x (B, C, H, W), sigma (B,) -> x0 (B, C, H, W) fp32, B <= the largest bucket."""
+        sigma, control_scale = self._canonical(x, sigma, control_cond, control_scale, control_mask)
+        return super().__call__(
+            x=x,
+            sigma=sigma,
+            class_labels=class_labels,
+            context=context,
+            control_cond=control_cond,
+            control_scale=control_scale,
+        )
+
+    def warmup(
+        self,
+        buckets=None,
+        *,
+        x,
+        sigma,
+        class_labels=None,
+        context=None,  # type: ignore[override]
+        control_cond=None,
+        control_scale=None,
+        control_mask=None,
+    ) -> None:
+        """Capture every bucket for this input structure (x fp32 and sigma float64 fix the buffer dtypes)."""
+        sigma, control_scale = self._canonical(x, sigma, control_cond, control_scale, control_mask)
+        super().warmup(
+            buckets,
+            x=x,
+            sigma=sigma,
+            class_labels=class_labels,
+            context=context,
+            control_cond=control_cond,
+            control_scale=control_scale,
+        )
