@@ -236,6 +236,9 @@ class DPMPP2M(Sampler):
     """
 
     name = "dpmpp_2m"
+    # Extrapolating over a long last step (FlowMatch's or VP "leading"'s tiny last σ) overshoots; trailing
+    # grids keep consecutive log-SNR steps comparable.
+    default_spacing = "trailing"
     description = "DPM-Solver++(2M), second-order multistep, 1 evaluation per step"
 
     def step(self, st: SamplerState, denoised: Tensor) -> None:
@@ -289,6 +292,7 @@ class DPMPP2MSDE(Sampler):
 
     name = "dpmpp_2m_sde"
     kind = "sde"
+    default_spacing = "trailing"  # see DPMPP2M
     description = "DPM-Solver++(2M) SDE (η=1), second-order multistep with fresh noise each step"
 
     def step(self, st: SamplerState, denoised: Tensor) -> None:

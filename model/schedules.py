@@ -221,9 +221,10 @@ def make_sigmas(
       VP: "leading" / "trailing" / "linspace" pick integer training timesteps exactly as diffusers'
       DDIMScheduler does (σ = table σ of those timesteps); "karras" is Karras et al. ρ=7 between the table's
       σ_min and σ_max (timesteps then fractional via `Schedule.sigma_to_t`).
-      Flow: every non-karras spacing is FlowMatchEulerDiscreteScheduler's grid (t linear from T to
+      Flow: "linspace" / "leading" are FlowMatchEulerDiscreteScheduler's grid (t linear from T to
       T·shift(1/T), then shifted — diffusers applies the shift to σ_min twice, and so do we for parity);
-      "karras" spaces those endpoints Karras-style.
+      "trailing" is shift(1 − i/n), i = 0..n (uniform flow time, like DPMSolverMultistepScheduler's
+      use_flow_sigmas grid but starting at exactly σ = 1); "karras" spaces FlowMatch's endpoints Karras-style.
     max_steps: optional server cap; steps above it (or < 1) raise ValueError.
     """
     if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool):
@@ -238,8 +239,13 @@ def make_sigmas(
     n = num_inference_steps
     T = schedule.num_train_timesteps
     if schedule.kind == "flow":
-        ts = np.linspace(schedule.sigma_max * T, schedule.sigma_min * T, n)
-        sig = flow_shift(ts / T, schedule.shift)
+        if spacing == "trailing":
+            # Uniform flow time from 1 (σ_i = shift(1 − i/n)), so the last positive σ is shift(1/n) and not
+            # FlowMatch's tiny shift(shift(1/T)): a regular last step that multistep solvers can extrapolate.
+            sig = flow_shift(np.linspace(1.0, 0.0, n + 1)[:-1], schedule.shift)
+        else:
+            ts = np.linspace(schedule.sigma_max * T, schedule.sigma_min * T, n)
+            sig = flow_shift(ts / T, schedule.shift)
         if spacing == "karras":
             sig = _karras(float(sig[-1]), float(sig[0]), n)
     elif spacing == "karras":

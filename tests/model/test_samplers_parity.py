@@ -106,8 +106,8 @@ def test_ddim_parity(unet, noise, prediction_type, spacing, steps_offset, steps)
 )
 def test_euler_parity(unet, noise, prediction_type, spacing, karras):
     sch = diffusers.EulerDiscreteScheduler(
-        **VP, prediction_type=prediction_type, timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0,
-        use_karras_sigmas=karras,
+        **VP, prediction_type=prediction_type, timestep_spacing=spacing,
+        steps_offset=1 if spacing == "leading" else 0, use_karras_sigmas=karras,
     )
     ours, sigmas = run_ours(sch, unet, noise, 12, "Euler Karras" if karras else "EulerDiscreteScheduler")
     # diffusers starts linspace/trailing grids at σ_max·noise instead of sqrt(1+σ_max²)·noise; start both
