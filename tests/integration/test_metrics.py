@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deploy.test_dashboard import as_plain_promql, dashboard_exprs, exported_series
@@ -119,21 +120,21 @@ def prometheus(server: Server) -> Iterator[str]:
     assert host in {"127.0.0.1", "localhost", "::1"}, f"refusing to scrape non-loopback {host}"
     port = free_port()
     work = Path(tempfile.mkdtemp(prefix="prometheus-it-"))
-    config = work / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n"
-        "  - job_name: unet-server\n"
-        f"    scheme: {target.scheme}\n"
-        "    metrics_path: /metrics\n"
-        "    scrape_interval: 1s\n    scrape_timeout: 1s\n"
-        f"    static_configs:\n      - targets: ['{host}:{target.port or 80}']\n"
-    )
+    # The compose stack's own config (deploy/prometheus.yml), pointed at this server and sped up.
+    config = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "unet-server"]
+    job.update(scheme=target.scheme, scrape_interval="1s", scrape_timeout="1s")
+    for static in job["static_configs"]:
+        static["targets"] = [f"{host}:{target.port or 80}"]
+    config["scrape_configs"] = [job]  # only the server: nothing else is scraped from here
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config_path = work / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config))
     log = (work / "prometheus.log").open("wb")
     process = subprocess.Popen(
         [
             _prometheus_binary(),
-            f"--config.file={config}",
+            f"--config.file={config_path}",
             f"--storage.tsdb.path={work / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
             "--log.level=warn",
