@@ -73,7 +73,9 @@ class Denoiser:
         t = self.timesteps(sigma)  # (B,) fp32
         s = _rows(sigma.float(), x.ndim)  # (B, 1, 1, 1)
         if self.schedule.kind == "vp":
-            c_in = (1 + s * s).rsqrt()
+            # 1/sqrt, not rsqrt: both are correctly rounded, so a row's c_in does not depend on whether it
+            # landed in a SIMD lane or the scalar tail (batch invariance to the last bit)
+            c_in = 1 / (1 + s * s).sqrt()
             x_in = x * c_in  # exactly the VP sample sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·ε
         else:
             x_in = x
@@ -94,7 +96,7 @@ class Denoiser:
             return x - s * out
         if pred == "v_prediction":
             # v = α·ε − σ_vp·x0 with α = c_in, σ_vp = σ·c_in (Salimans & Ho 2022) → x0 = c_in²·x − σ·c_in·v
-            c_in = (1 + s * s).rsqrt()
+            c_in = 1 / (1 + s * s).sqrt()
             return c_in * c_in * x - s * c_in * out
         if pred == "sample":
             return out
