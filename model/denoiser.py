@@ -155,7 +155,7 @@ def cfg_combine(
     g = guidance_scale
     if torch.is_tensor(g):
         g = _rows(g.to(device=cond_x0.device, dtype=cond_x0.dtype), cond_x0.ndim)
-    guided = uncond_x0 + g * (cond_x0 - uncond_x0)
+    guided = torch.lerp(uncond_x0, cond_x0, g)  # exactly cond at g = 1
     if not torch.is_tensor(guidance_rescale) and guidance_rescale == 0.0:
         return guided
     phi = guidance_rescale

@@ -140,7 +140,11 @@ class Sampler:
         return state.x, state.sigmas[state.i + state.stage]
 
     def advance(self, state: SamplerState, denoised: Tensor) -> SamplerState:
-        """Consume the x0 estimate for `next_input(state)` (fp32, same shape as x); returns the state."""
+        """Consume the x0 estimate for `next_input(state)` (fp32, same shape as x); returns the state.
+
+        Multistep samplers keep a reference to `denoised` as history: don't write into it afterwards (a
+        CUDA-graph output buffer must be cloned first).
+        """
         self.step(state, denoised.float())
         return state
 
@@ -276,12 +280,10 @@ class EulerAncestral(Sampler):
         q = self._ratio(sigma, sigma_next)  # s'/s
         up = min(1.0, self.eta * math.sqrt(1.0 - q * q))  # σ_up / s'
         down = math.sqrt(1.0 - up * up)  # σ_down / s'
-        z = draw_step_noise(st.generator, st.x)
-        st.x = (
-            st.x * (sigma_next / sigma * down)
-            + denoised * (self._alpha(sigma_next) * (1 - q * down))
-            + z * (sigma_next * up)
-        )
+        x = st.x * (sigma_next / sigma * down) + denoised * (self._alpha(sigma_next) * (1 - q * down))
+        if up > 0:
+            x = x + draw_step_noise(st.generator, st.x) * (sigma_next * up)
+        st.x = x
 
 
 class DPMPP2MSDE(Sampler):
