@@ -139,7 +139,15 @@ def _load(state: ServerState, text_encoder_loader: Callable[..., Any] | None) ->
 
     state.samplers = [SamplerInfo(**info) for info in list_samplers()]
     state.models = {n: model_spec(p) for n, p in pipelines.items()}
-    state.ctx = ValidationContext(models=state.models, check_sampler=_check_sampler, settings=s)
+    def check_steps(model: str, sampler: str, steps: int) -> None:
+        from model.samplers import get_sampler
+
+        schedule = pipelines[model].schedule
+        get_sampler(sampler, schedule.kind).make_sigmas(schedule, steps)
+
+    state.ctx = ValidationContext(
+        models=state.models, check_sampler=_check_sampler, settings=s, check_steps=check_steps
+    )
     worker = Worker(pipelines, s.batch_buckets)
     worker.warmup()
     if device.type == "cuda":
@@ -173,8 +181,10 @@ class _CountRequests:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            model = scope.get("state", {}).get("model") or "unknown"
-            self.metrics.requests_total.labels(model, endpoint, str(status[0])).inc()
+            state = scope.get("state", {})
+            model = state.get("model") or "unknown"
+            code = state.get("status") or status[0]
+            self.metrics.requests_total.labels(model, endpoint, str(code)).inc()
             self.metrics.request_duration_seconds.labels(model, endpoint).observe(time.monotonic() - start)
 
 

@@ -164,6 +164,7 @@ async def _wait(request: Request, engine: Engine, task: Task, timeout: float) ->
         return
     engine.cancel(task.id)
     if watcher in done:
+        request.state.status = 499  # nobody reads the response; the metrics middleware records this
         raise HTTPException(499, "client disconnected")
     raise HTTPException(504, "request passed its deadline")
 

@@ -201,6 +201,8 @@ class ValidationContext:
     # (sampler name or alias, schedule kind) -> the name to sample with; ValueError saying why not
     check_sampler: Callable[[str, str], str]
     settings: Settings
+    # (model id, sampler, steps) -> None; ValueError when the model's schedule cannot make that grid
+    check_steps: Callable[[str, str, int], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -308,6 +310,11 @@ def resolve_generate(
         raise field_error(
             "num_inference_steps", f"{steps} exceeds the maximum {s.max_inference_steps}", steps
         )
+    if ctx.check_steps is not None:
+        try:
+            ctx.check_steps(spec.id, sampler, steps)
+        except ValueError as exc:
+            raise field_error("num_inference_steps", str(exc), steps) from None
     if req.num_images > s.max_images:
         message = f"{req.num_images} exceeds the maximum {s.max_images}"
         raise field_error("num_images", message, req.num_images)

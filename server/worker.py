@@ -222,21 +222,34 @@ class Worker:
         """The denoiser on rows padded up to their bucket (pad = copies of row 0); returns the real rows."""
         rows = x.shape[0]
         pad = self.bucket_for(rows) - rows
+        pad_scale = True
 
         def padded(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None or pad == 0:
                 return t
             return torch.cat([t, t[:1].expand(pad, *t.shape[1:])])  # (bucket, ...)
 
-        if mask is not None and pad:
-            mask = torch.cat([mask, mask.new_zeros(pad)])
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_zeros(pad)]) if pad else mask.clone()
+            # The ControlNet runs on the masked rows only. Widen the mask to a bucket size with rows whose
+            # control scale is 0 (their residuals stay exactly zero), so its batch is a bucket too:
+            # bucket-sized GEMMs keep rows batch-invariant on CPU and give CUDA graphs static shapes.
+            need = self.bucket_for(int(mask.sum())) - int(mask.sum())
+            if need:
+                spare = (~mask).nonzero().squeeze(1)[:need]  # (need,)
+                mask[spare] = True
+                scale = padded(scale)
+                assert scale is not None
+                scale = scale.clone()
+                scale[spare] = 0.0
+                pad_scale = False
         out = denoiser(
             padded(x),
             padded(sigma),
             class_labels=padded(class_labels),
             context=padded(context),
             control_cond=padded(control),
-            control_scale=padded(scale),
+            control_scale=padded(scale) if pad_scale else scale,
             control_mask=mask,
         )
         return out[:rows]

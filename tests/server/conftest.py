@@ -176,7 +176,7 @@ def start_server(
         "max_queue_size": 64,
         "max_image_size": 32,
         "max_images": 4,
-        "max_inference_steps": 400,
+        "max_inference_steps": 2000,
         "max_control_image_bytes": 20_000,
         "max_control_image_pixels": 64 * 64,
     }

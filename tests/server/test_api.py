@@ -51,7 +51,9 @@ def error_fields(r: httpx.Response) -> list[str]:
 
 
 def test_generate_class_json(client: httpx.Client) -> None:
-    r = client.post("/generate", json={"model": "tiny-class", "class_label": "sneaker", "seed": 7, "num_images": 2})
+    r = client.post(
+        "/generate", json={"model": "tiny-class", "class_label": "sneaker", "seed": 7, "num_images": 2}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "tiny-class" and body["sampler"] == "ddim" and body["num_inference_steps"] == 4
@@ -77,8 +79,11 @@ def test_generate_png_accept(client: httpx.Client) -> None:
     assert "x-queue-seconds" in r.headers and "x-sampling-seconds" in r.headers
     assert from_png(r.content).shape == (24, 8, 3)
     # Several images with Accept: image/png fall back to JSON.
-    r = client.post("/generate", json={"model": "tiny-text", "prompt": "x", "num_images": 2},
-                    headers={"Accept": "image/png"})
+    r = client.post(
+        "/generate",
+        json={"model": "tiny-text", "prompt": "x", "num_images": 2},
+        headers={"Accept": "image/png"},
+    )
     assert r.headers["content-type"].startswith("application/json") and len(r.json()["images"]) == 2
 
 
@@ -101,7 +106,9 @@ def test_control_json_and_multipart(client: httpx.Client) -> None:
     # The control map changes the image; scale 0 gives the base model's image.
     plain = client.post("/generate", json={**base, "model": "tiny-text"}).json()
     assert plain["images"] != r1.json()["images"]
-    zero = client.post("/generate", json={**base, "control_image": png_b64(edges()), "control_scale": 0}).json()
+    zero = client.post(
+        "/generate", json={**base, "control_image": png_b64(edges()), "control_scale": 0}
+    ).json()
     assert zero["images"] == plain["images"]
 
 
@@ -110,7 +117,9 @@ def test_models_and_samplers(client: httpx.Client) -> None:
     assert set(models) == {"tiny-class", "tiny-text", "tiny-text-edges"}
     cls = models["tiny-class"]["conditioning"]
     assert [c["name"] for c in cls["classes"]] == CLASS_NAMES and not cls["text"] and cls["control"] is None
-    assert models["tiny-text"]["conditioning"]["text"] and models["tiny-text"]["conditioning"]["classes"] is None
+    assert (
+        models["tiny-text"]["conditioning"]["text"] and models["tiny-text"]["conditioning"]["classes"] is None
+    )
     assert models["tiny-text-edges"]["conditioning"]["control"] == {"type": "edges", "channels": 1}
     assert models["tiny-text-edges"]["base_model"] == "tiny-text"
     assert models["tiny-class"]["defaults"]["sampler"] == "ddim"
@@ -120,8 +129,16 @@ def test_models_and_samplers(client: httpx.Client) -> None:
 
 
 def test_sampler_alias_accepted(client: httpx.Client) -> None:
-    r = client.post("/generate", json={"model": "tiny-class", "class_label": 0, "sampler": "DPM++ 2M Karras",
-                                       "seed": 1, "num_inference_steps": 3})
+    r = client.post(
+        "/generate",
+        json={
+            "model": "tiny-class",
+            "class_label": 0,
+            "sampler": "DPM++ 2M Karras",
+            "seed": 1,
+            "num_inference_steps": 3,
+        },
+    )
     assert r.status_code == 200, r.text
 
 
@@ -130,17 +147,26 @@ def test_health_and_metrics(client: httpx.Client) -> None:
     r = client.get("/health/ready")
     assert r.status_code == 200 and r.json()["status"] == "ready"
     text = client.get("/metrics").text
-    for name in ("unet_server_requests_total", "unet_server_request_duration_seconds",
-                 "unet_server_queue_wait_seconds", "unet_server_queue_size", "unet_server_running_requests",
-                 "unet_server_rows_per_forward", "unet_server_forward_duration_seconds",
-                 "unet_server_images_generated_total", "unet_server_model_evaluations_total"):
+    for name in (
+        "unet_server_requests_total",
+        "unet_server_request_duration_seconds",
+        "unet_server_queue_wait_seconds",
+        "unet_server_queue_size",
+        "unet_server_running_requests",
+        "unet_server_rows_per_forward",
+        "unet_server_forward_duration_seconds",
+        "unet_server_images_generated_total",
+        "unet_server_model_evaluations_total",
+    ):
         assert name in text, name
     assert "unet_server_gpu_memory_allocated_bytes" not in text  # CPU
 
 
 def test_openapi_docs(client: httpx.Client) -> None:
     spec = client.get("/openapi.json").json()
-    assert {"/generate", "/v1/images/generations", "/v1/jobs", "/v1/jobs/{job_id}/events"} <= set(spec["paths"])
+    assert {"/generate", "/v1/images/generations", "/v1/jobs", "/v1/jobs/{job_id}/events"} <= set(
+        spec["paths"]
+    )
     assert client.get("/docs").status_code == 200
 
 
@@ -161,8 +187,16 @@ def read_sse(client: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
 
 
 def test_job_lifecycle_with_sse(client: httpx.Client) -> None:
-    r = client.post("/v1/jobs", json={"model": "tiny-class", "class_label": "bag", "seed": 5,
-                                      "num_inference_steps": 6, "sampler": "heun"})
+    r = client.post(
+        "/v1/jobs",
+        json={
+            "model": "tiny-class",
+            "class_label": "bag",
+            "seed": 5,
+            "num_inference_steps": 6,
+            "sampler": "heun",
+        },
+    )
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["status"] in ("queued", "running") and r.headers["location"] == f"/v1/jobs/{job['id']}"
@@ -179,8 +213,16 @@ def test_job_lifecycle_with_sse(client: httpx.Client) -> None:
     assert info["status"] == "completed" and info["step"] == info["total_steps"] == total
     assert info["queue_position"] is None and info["result"]["seeds"] == [5]
     # Same request through /generate gives the same bytes.
-    same = client.post("/generate", json={"model": "tiny-class", "class_label": "bag", "seed": 5,
-                                          "num_inference_steps": 6, "sampler": "heun"}).json()
+    same = client.post(
+        "/generate",
+        json={
+            "model": "tiny-class",
+            "class_label": "bag",
+            "seed": 5,
+            "num_inference_steps": 6,
+            "sampler": "heun",
+        },
+    ).json()
     assert same["images"] == info["result"]["images"]
     # SSE on a finished job replays and closes.
     assert [n for n, _ in read_sse(client, job["id"])][-1] == "completed"
@@ -188,7 +230,9 @@ def test_job_lifecycle_with_sse(client: httpx.Client) -> None:
 
 
 def test_job_cancel_with_sse(client: httpx.Client) -> None:
-    job = client.post("/v1/jobs", json={"model": "tiny-text", "prompt": "slow", "num_inference_steps": 400}).json()
+    job = client.post(
+        "/v1/jobs", json={"model": "tiny-text", "prompt": "slow", "num_inference_steps": 400}
+    ).json()
     seen = []
     with client.stream("GET", f"/v1/jobs/{job['id']}/events") as r:
         name = None
@@ -213,13 +257,23 @@ def test_unknown_job(client: httpx.Client) -> None:
 
 
 def test_openai_endpoint_raw(client: httpx.Client) -> None:
-    r = client.post("/v1/images/generations", json={"model": "tiny-class", "prompt": "Sneaker", "n": 2,
-                                                    "size": "16x16", "response_format": "b64_json"})
+    r = client.post(
+        "/v1/images/generations",
+        json={
+            "model": "tiny-class",
+            "prompt": "Sneaker",
+            "n": 2,
+            "size": "16x16",
+            "response_format": "b64_json",
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert isinstance(body["created"], int) and len(body["data"]) == 2
     assert from_png(base64.b64decode(body["data"][0]["b64_json"])).shape == (16, 16)
-    r = client.post("/v1/images/generations", json={"model": "tiny-text", "prompt": "x", "response_format": "url"})
+    r = client.post(
+        "/v1/images/generations", json={"model": "tiny-text", "prompt": "x", "response_format": "url"}
+    )
     assert error_fields(r) == ["response_format"] and "b64_json" in r.text
     r = client.post("/v1/images/generations", json={"model": "tiny-text", "prompt": "x", "size": "big"})
     assert error_fields(r) == ["size"]
@@ -246,20 +300,47 @@ def test_openai_endpoint_raw(client: httpx.Client) -> None:
         ({"model": "tiny-class", "control_image": "AAAA"}, "control_image", "no ControlNet"),
         ({"model": "tiny-text", "prompt": "x", "width": 64}, "width", "maximum image size"),
         ({"model": "tiny-text", "prompt": "x", "height": 7}, "height", "multiple"),
-        ({"model": "tiny-text", "prompt": "x", "num_inference_steps": 401}, "num_inference_steps", "maximum"),
+        (
+            {"model": "tiny-text", "prompt": "x", "num_inference_steps": 2001},
+            "num_inference_steps",
+            "maximum",
+        ),
         ({"model": "tiny-text", "prompt": "x", "num_inference_steps": 0}, "num_inference_steps", "greater"),
+        (
+            {"model": "tiny-class", "num_inference_steps": 1001, "sampler": "dpmpp_2m", "guidance_scale": 1},
+            "num_inference_steps",
+            "num_train_timesteps",
+        ),
         ({"model": "tiny-text", "prompt": "x", "num_images": 5}, "num_images", "maximum"),
         ({"model": "tiny-text", "prompt": "x", "guidance_scale": -1}, "guidance_scale", "greater"),
         ({"model": "tiny-text", "prompt": "x", "seed": -1}, "seed", "greater"),
         ({"model": "nope"}, "model", "unknown model"),
         ({"prompt": "x"}, "model", "several models"),
         ({"model": "tiny-text", "prompt": "x", "bogus": 1}, "bogus", "extra"),
-        ({"model": "tiny-text-edges", "prompt": "x", "control_image": "!!notbase64"}, "control_image", "base64"),
-        ({"model": "tiny-text-edges", "prompt": "x", "control_image": base64.b64encode(b"GIF89a...").decode()},
-         "control_image", "decoded"),
-        ({"model": "tiny-text-edges", "prompt": "x", "control_image": png_b64(Image.new("L", (65, 64)))},
-         "control_image", "pixels"),
-        ({"model": "tiny-text-edges", "prompt": "x", "control_image": big_png_b64()}, "control_image", "bytes"),
+        (
+            {"model": "tiny-text-edges", "prompt": "x", "control_image": "!!notbase64"},
+            "control_image",
+            "base64",
+        ),
+        (
+            {
+                "model": "tiny-text-edges",
+                "prompt": "x",
+                "control_image": base64.b64encode(b"GIF89a...").decode(),
+            },
+            "control_image",
+            "decoded",
+        ),
+        (
+            {"model": "tiny-text-edges", "prompt": "x", "control_image": png_b64(Image.new("L", (65, 64)))},
+            "control_image",
+            "pixels",
+        ),
+        (
+            {"model": "tiny-text-edges", "prompt": "x", "control_image": big_png_b64()},
+            "control_image",
+            "bytes",
+        ),
     ],
 )
 def test_validation_errors(client: httpx.Client, body: dict, field: str, words: str) -> None:
@@ -274,9 +355,15 @@ def test_bad_bodies(client: httpx.Client) -> None:
     assert r.status_code == 422 and "JSON" in r.text
     r = client.post("/generate", json=[1, 2])
     assert r.status_code == 422
-    r = client.post("/generate", data={"model": "tiny-text", "prompt": "x"},
-                    files={"other": ("x.png", b"123", "image/png")})
+    r = client.post(
+        "/generate",
+        data={"model": "tiny-text", "prompt": "x"},
+        files={"other": ("x.png", b"123", "image/png")},
+    )
     assert error_fields(r) == ["other"]
-    r = client.post("/generate", data={"model": "tiny-text-edges", "prompt": "x"},
-                    files={"control_image": ("e.png", base64.b64decode(big_png_b64()), "image/png")})
+    r = client.post(
+        "/generate",
+        data={"model": "tiny-text-edges", "prompt": "x"},
+        files={"control_image": ("e.png", base64.b64decode(big_png_b64()), "image/png")},
+    )
     assert error_fields(r) == ["control_image"] and "bytes" in r.text
