@@ -1,0 +1,497 @@
+"""Server under load: the real server process on loopback, an asyncio httpx client, three configurations.
+
+    python -m bench.server_load --out $OUT                      # CUDA, fashion-class (or a random stand-in)
+    python -m bench.server_load --device cpu --quick            # CPU smoke test of every code path
+
+(a) ``batched``: the server as built (step-level continuous batching), max batch rows = ``--max-rows``;
+(b) ``one-at-a-time``: the same server with UNET_SERVER_MAX_BATCH_ROWS = the rows of one request (2 with
+    guidance) and UNET_SERVER_BATCH_BUCKETS = that, so every forward pass carries exactly one request;
+(c) ``raw loop``: no server — the sampling loop in-process on the same weights (bench.sampling_loop), the
+    ceiling a server can approach.
+
+Closed loop: C clients, each sending its next request when the previous one returns. Open loop: Poisson
+arrivals at fixed rates (derived from the measured saturation throughput unless ``--rates`` is given),
+whatever the responses do. Per point: throughput (images/s), p50/p99 latency, and from /metrics the mean
+real rows and padded rows per forward pass and the mean engine step time (unet_server_rows_per_forward,
+unet_server_padded_rows_per_forward, unet_server_forward_duration_seconds; deltas over the point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import common, models
+
+METRICS = {
+    "rows": "unet_server_rows_per_forward",
+    "padded": "unet_server_padded_rows_per_forward",
+    "step_s": "unet_server_forward_duration_seconds",
+}
+
+
+# --- the model folder the server loads -------------------------------------------------------------
+
+
+def server_weights(args, device) -> tuple[Path, str, str]:
+    """(weights_dir, model name, note): the shipped fashion-class, else a random stand-in folder."""
+    shipped = Path(args.weights_dir)
+    if (shipped / "fashion-class" / "unet_server.json").exists():
+        return shipped, "fashion-class", "shipped fashion-class"
+    root = Path(args.work_dir) / ("server-weights-quick" if args.quick else "server-weights")
+    name = "fashion-standin"
+    folder = root / name
+    if not (folder / "unet_server.json").exists():
+        src = models.make_random_folder("fashion-standin", Path(args.work_dir), args.quick, device)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(src, folder / "unet")
+        (folder / "scheduler").mkdir(parents=True)
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(models.DDPM_SCHEDULER))
+        (folder / "model_index.json").write_text(
+            json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"]})
+        )
+        meta = {
+            "kind": "class",
+            "base_model": None,
+            "class_names": [f"class{i}" for i in range(10)],
+            "null_class_label": 10,
+            "text_encoder": None,
+            "control": None,
+            "image_channels": 1,
+            "sample_size": 32,
+            "defaults": {
+                "sampler": "dpmpp_2m",
+                "num_inference_steps": 20,
+                "guidance_scale": 5.0,
+                "width": 32,
+                "height": 32,
+            },
+        }
+        (folder / "unet_server.json").write_text(json.dumps(meta, indent=1))
+    return root, name, "random stand-in shaped like fashion-class (shipped weights absent)"
+
+
+# --- the server process ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m server`` as a subprocess; log in a temp file (printed when it fails)."""
+
+    def __init__(self, label: str, flags: dict[str, Any], work: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = work / f"server-{label}.log"
+        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        for k, v in flags.items():
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+        self.cmd = cmd
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=common.REPO, env=env)
+
+    async def wait_ready(self, client, timeout: float) -> float:
+        """Seconds from process start to the first 200 from /health/ready."""
+        while time.monotonic() - self.t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                r = await client.get(self.url + "/health/ready", timeout=2)
+                if r.status_code == 200:
+                    return time.monotonic() - self.t0
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.tail()}")
+
+    def tail(self, n: int = 30) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+async def scrape(client, url: str) -> dict[str, float]:
+    """Sums and counts of the histograms in METRICS (unlabelled), from /metrics."""
+    text = (await client.get(url + "/metrics", timeout=10)).text
+    out = {}
+    for key, name in METRICS.items():
+        for part in ("sum", "count"):
+            m = re.search(rf"^{name}_{part}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)
+            out[f"{key}_{part}"] = float(m.group(1)) if m else float("nan")
+    return out
+
+
+def metric_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    def mean(key: str) -> float:
+        n = after[f"{key}_count"] - before[f"{key}_count"]
+        return (after[f"{key}_sum"] - before[f"{key}_sum"]) / n if n > 0 else float("nan")
+
+    n_fwd = after["rows_count"] - before["rows_count"]
+    return {
+        "forwards": n_fwd,
+        "rows_per_fwd": mean("rows"),
+        "padded_per_fwd": mean("padded"),
+        "step_ms": 1e3 * mean("step_s"),
+    }
+
+
+# --- load generators ---------------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self):
+        self.latencies: list[float] = []
+        self.errors: dict[str, int] = {}
+        self.first_send = None
+        self.last_done = None
+
+    async def one(self, client, url: str, body: dict) -> None:
+        t0 = time.perf_counter()
+        self.first_send = t0 if self.first_send is None else min(self.first_send, t0)
+        try:
+            r = await client.post(url + "/generate", json=body, headers={"accept": "image/png"})
+            ok = r.status_code == 200 and r.content[:4] == b"\x89PNG"
+            key = None if ok else str(r.status_code)
+        except Exception as e:  # noqa: BLE001
+            key = type(e).__name__
+        t1 = time.perf_counter()
+        if key is None:
+            self.latencies.append(t1 - t0)
+            self.last_done = t1 if self.last_done is None else max(self.last_done, t1)
+        else:
+            self.errors[key] = self.errors.get(key, 0) + 1
+
+    def summary(self, images_per_request: int) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        n = len(lat)
+        span = (self.last_done - self.first_send) if n and self.last_done else float("nan")
+        return {
+            "ok": n,
+            "errors": ",".join(f"{k}:{v}" for k, v in self.errors.items()) or None,
+            "img_s": n * images_per_request / span if n else 0.0,
+            "p50_ms": 1e3 * statistics.median(lat) if n else float("nan"),
+            "p99_ms": 1e3 * lat[min(n - 1, int(0.99 * n))] if n else float("nan"),
+            "mean_ms": 1e3 * statistics.fmean(lat) if n else float("nan"),
+        }
+
+
+class Bodies:
+    def __init__(self, args, model: str):
+        self.args, self.model, self.i = args, model, 0
+
+    def __call__(self) -> dict:
+        self.i += 1
+        return {
+            "model": self.model,
+            "class_label": self.i % 10,
+            "seed": self.i,
+            "num_inference_steps": self.args.steps,
+            "sampler": "dpmpp_2m",
+            "guidance_scale": self.args.guidance,
+        }
+
+
+async def closed_loop(client, url: str, bodies: Bodies, clients: int, duration: float) -> Recorder:
+    rec = Recorder()
+    deadline = time.perf_counter() + duration
+
+    async def worker():
+        while time.perf_counter() < deadline:
+            await rec.one(client, url, bodies())
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return rec
+
+
+async def open_loop(
+    client, url: str, bodies: Bodies, rate: float, duration: float, seed: int = 0
+) -> Recorder:
+    rec = Recorder()
+    rng = random.Random(seed)
+    tasks = []
+    start = time.perf_counter()
+    t = 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t > duration:
+            break
+        delay = start + t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(rec.one(client, url, bodies())))
+    await asyncio.gather(*tasks)
+    return rec
+
+
+async def measure_point(client, server: ServerProcess, label: str, coro) -> dict[str, Any]:
+    before = await scrape(client, server.url)
+    rec = await coro
+    after = await scrape(client, server.url)
+    row = {"point": label, **rec.summary(1), **metric_deltas(before, after)}
+    print(
+        f"    {label:<16} {row['img_s']:8.1f} img/s  p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms"
+        f"  rows/fwd {row['rows_per_fwd']:6.1f}  errors {row['errors']}",
+        flush=True,
+    )
+    return row
+
+
+async def run_server(
+    label: str, flags: dict, args, budget, open_rates: list[float] | None
+) -> tuple[list, dict]:
+    import httpx
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    limits = httpx.Limits(
+        max_connections=max(args.clients) + 64, max_keepalive_connections=max(args.clients) + 64
+    )
+    rows: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"server": label}
+    server = ServerProcess(label, flags, work)
+    info["command"] = "python " + " ".join(server.cmd[1:])
+    print(f"  [{label}] {info['command']}", flush=True)
+    try:
+        async with httpx.AsyncClient(limits=limits, timeout=args.request_timeout) as client:
+            info["start_to_ready_s"] = await server.wait_ready(client, args.ready_timeout)
+            print(f"  [{label}] ready after {info['start_to_ready_s']:.1f}s", flush=True)
+            bodies = Bodies(args, flags["models"])
+            await closed_loop(client, server.url, bodies, min(8, max(args.clients)), args.warmup_s)  # warm-up
+            for c in args.clients:
+                if budget.exhausted():
+                    rows.append({"server": label, "point": f"closed {c}", "errors": "skipped (budget)"})
+                    continue
+                coro = closed_loop(client, server.url, bodies, c, args.duration)
+                rows.append({"server": label, **await measure_point(client, server, f"closed {c}", coro)})
+            if open_rates is not None:
+                sat = max((r.get("img_s", 0.0) for r in rows), default=0.0)
+                rates = open_rates or [f * sat for f in args.open_fractions if f * sat > 0]
+                for rate in rates:
+                    if budget.exhausted():
+                        rows.append(
+                            {"server": label, "point": f"open {rate:.0f}/s", "errors": "skipped (budget)"}
+                        )
+                        continue
+                    coro = open_loop(client, server.url, bodies, rate, args.duration)
+                    row = await measure_point(client, server, f"open {rate:.1f}/s", coro)
+                    rows.append({"server": label, "offered_img_s": rate, **row})
+    except Exception as e:  # noqa: BLE001
+        info["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+        print(f"  [{label}] FAILED: {info['error']}\n{server.tail()}", flush=True)
+    finally:
+        server.stop()
+    return rows, info
+
+
+# --- raw loop ceiling ----------------------------------------------------------------------------------
+
+
+def raw_loop(weights_dir: Path, name: str, args, device, report) -> list[dict[str, Any]]:
+    """The sampling loop without a server, same weights/sampler/steps/guidance (bench.sampling_loop)."""
+    from bench import sampling_loop as sl
+
+    cases, _ = models.shipped_cases(weights_dir)
+    case = next(c for c in cases if c.name == name) if name != "fashion-standin" else None
+    if case is None:
+        case = models.Case(
+            name,
+            weights_dir / name / "unet",
+            1,
+            32,
+            num_classes=11,
+            null_class=10,
+            scheduler=dict(models.DDPM_SCHEDULER),
+        )
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    net = models.load_ours(case, device, dtype)
+    images = [1, max(args.clients)]
+    buckets = sorted({2 * n for n in images})
+
+    def example(r: int) -> dict:
+        cond, uncond = sl.conditioning(case, r // 2, device, dtype)
+        x = torch.randn(r, case.in_channels, case.sample_size, case.sample_size, device=device)
+        sig = torch.linspace(10.0, 0.1, r, dtype=torch.float64, device=device)
+        return {"x": x, "sigma": sig, **sl.cat_rows(cond, uncond)}
+
+    rows = []
+    denoise, how = sl.make_denoise(
+        net, case, device.type == "cuda", buckets, device, dtype, report, example(buckets[-1])
+    )
+    for vectorised in (False, True):
+        for n in images:
+            run = sl.ours_loop(
+                denoise, case, n, args.steps, args.guidance, device, dtype, vectorised=vectorised
+            )
+            with torch.no_grad():
+                run()
+                tm = common.time_call(run, device, quick=args.quick, target_ms=0, repeats=3, warmup=0)
+            ms = tm["median_ms"]
+            mode = "vectorised" if vectorised else "per-request"
+            rows.append(
+                {
+                    "server": f"raw loop ({how}, {mode})",
+                    "point": f"{n} images/batch",
+                    "img_s": 1e3 * n / ms,
+                    "p50_ms": ms,
+                    "ok": n,
+                }
+            )
+    common.free_memory()
+    return rows
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+COLUMNS = [
+    "server",
+    "point",
+    "offered_img_s",
+    "img_s",
+    "p50_ms",
+    "p99_ms",
+    "rows_per_fwd",
+    "padded_per_fwd",
+    "step_ms",
+    "forwards",
+    "ok",
+    "errors",
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p)
+    p.add_argument("--work-dir", default="/tmp/unet_bench")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--clients", default="1,8,64", help="closed-loop concurrency levels")
+    p.add_argument("--open-fractions", default="0.5,0.9,1.2", help="x saturation throughput")
+    p.add_argument("--rates", default=None, help="explicit open-loop rates (requests/s), overrides fractions")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per load point")
+    p.add_argument("--warmup-s", type=float, default=2.0)
+    p.add_argument("--max-rows", type=int, default=128, help="batched server: UNET_SERVER_MAX_BATCH_ROWS")
+    p.add_argument(
+        "--buckets", default=None, help="batched server: UNET_SERVER_BATCH_BUCKETS (default: its own)"
+    )
+    p.add_argument("--ready-timeout", type=float, default=120.0)
+    p.add_argument("--request-timeout", type=float, default=120.0)
+    p.add_argument("--skip", default="", help="comma list of: batched, one-at-a-time, raw")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.duration, args.warmup_s = 2, 1.5, 0.5
+        args.clients, args.open_fractions = "1,4", "0.5"
+        args.max_rows = min(args.max_rows, 8)
+    args.clients = [int(c) for c in args.clients.split(",")]
+    args.open_fractions = [float(f) for f in args.open_fractions.split(",")]
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else []
+    skip = set(args.skip.split(",")) - {""}
+
+    device = common.pick_device(args.device)
+    common.setup_torch(device)
+    report = common.Report("server_load", common.env_info(device), args)
+    budget = common.Budget(args.budget_s)
+    weights_dir, name, note = server_weights(args, device)
+    report.note(
+        f"model: {name} ({note}); {args.steps} steps dpmpp_2m, guidance {args.guidance} (2 rows/request)"
+    )
+    common_flags = {
+        "weights_dir": weights_dir,
+        "models": name,
+        "device": device.type,
+        "log_level": "warning",
+        "max_queue_size": 4096,
+    }
+    all_rows: list[dict[str, Any]] = []
+    infos = []
+    configs = []
+    if "batched" not in skip:
+        flags = {**common_flags, "max_batch_rows": args.max_rows}
+        if args.buckets:
+            flags["batch_buckets"] = args.buckets
+        configs.append(("batched", flags, rates))
+    if "one-at-a-time" not in skip:
+        configs.append(("one-at-a-time", {**common_flags, "max_batch_rows": 2, "batch_buckets": 2}, None))
+    for label, flags, open_rates in configs:
+        rows, info = asyncio.run(run_server(label, flags, args, budget, open_rates))
+        all_rows += rows
+        infos.append(info)
+        report.note(
+            f"{label}: start-to-ready {common.fmt(info.get('start_to_ready_s'))}s; `{info['command']}`"
+            + (f"; ERROR {info['error'][:300]}" if "error" in info else "")
+        )
+        report.table("server load (long)", all_rows, COLUMNS)
+    if "raw" not in skip and not budget.exhausted():
+        try:
+            all_rows += raw_loop(weights_dir, name, args, device, report)
+        except Exception as e:  # noqa: BLE001
+            report.note(f"raw loop failed: {type(e).__name__}: {e}")
+    report.tables.clear()
+    report.table("server load", all_rows, COLUMNS)
+    report.table("goals", goals(all_rows, infos, args), ["goal", "target", "measured", "met"])
+    report.print_all()
+
+
+def goals(rows: list[dict[str, Any]], infos: list[dict[str, Any]], args) -> list[dict[str, Any]]:
+    def pick(server_prefix: str, point: str, key: str) -> float | None:
+        for r in rows:
+            if r.get("server", "").startswith(server_prefix) and r.get("point") == point and key in r:
+                return r[key]
+        return None
+
+    top = max(args.clients)
+    sat = max((r.get("img_s", 0.0) for r in rows if r.get("server") == "batched"), default=None)
+    raw_best = max((r.get("img_s", 0.0) for r in rows if r.get("server", "").startswith("raw")), default=None)
+    one64 = pick("one-at-a-time", f"closed {top}", "img_s")
+    b64 = pick("batched", f"closed {top}", "img_s")
+    p50_1 = pick("batched", "closed 1", "p50_ms")
+    raw_1 = pick("raw loop", "1 images/batch", "p50_ms")
+    ready = next((i.get("start_to_ready_s") for i in infos if i["server"] == "batched"), None)
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    out = [
+        {"goal": "saturation throughput / raw loop", "target": ">= 0.85", "measured": ratio(sat, raw_best)},
+        {"goal": f"batched / one-at-a-time, {top} clients", "target": ">= 20", "measured": ratio(b64, one64)},
+        {"goal": "p50 at 1 client / raw loop (1 image)", "target": "<= 1.2", "measured": ratio(p50_1, raw_1)},
+        {"goal": "start-to-ready (s)", "target": "<= 15", "measured": ready},
+    ]
+    limits = [(">=", 0.85), (">=", 20), ("<=", 1.2), ("<=", 15)]
+    for g, (op, lim) in zip(out, limits, strict=True):
+        m = g["measured"]
+        g["met"] = None if m is None else (m >= lim if op == ">=" else m <= lim)
+    return out
+
+
+if __name__ == "__main__":
+    main()
