@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.metrics import Metrics
@@ -236,13 +239,24 @@ def create_app(
     app.include_router(router)
     app.add_middleware(_CountRequests, metrics=metrics)
 
+    # Error bodies keep FastAPI's ``detail`` and add a top-level ``message`` (what OpenAI's client shows).
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors())
+        message = "; ".join(str(e.get("msg", "")) for e in errors)
+        return JSONResponse({"detail": errors, "message": message}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = {"detail": exc.detail, "message": str(exc.detail)}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         error_id = uuid.uuid4().hex[:12]
         log.error("unhandled error (error_id=%s) on %s %s", error_id, request.method, request.url.path,
                   exc_info=exc)
-        return JSONResponse(
-            {"detail": f"internal error (error id {error_id})", "error_id": error_id}, status_code=500
-        )
+        message = f"internal error (error id {error_id})"
+        return JSONResponse({"detail": message, "message": message, "error_id": error_id}, status_code=500)
 
     return app

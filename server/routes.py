@@ -186,7 +186,8 @@ class _ServerFault(Exception):
 
 
 def _fault_response(exc: _ServerFault) -> JSONResponse:
-    return JSONResponse({"detail": exc.message, "error_id": exc.error_id}, status_code=500)
+    body = {"detail": exc.message, "message": exc.message, "error_id": exc.error_id}
+    return JSONResponse(body, status_code=500)
 
 
 def _generate_response(task: Task) -> GenerateResponse:
@@ -337,9 +338,8 @@ async def cancel_job(job_id: str, engine: Engine = Depends(ready_engine)) -> Res
     """Cancel a queued or running job (409 when it has already finished)."""
     task = _job(engine, job_id)
     if not engine.cancel(job_id):
-        return JSONResponse(
-            {"detail": f"job {job_id} is already {task.status}", "status": task.status}, status_code=409
-        )
+        message = f"job {job_id} is already {task.status}"
+        return JSONResponse({"detail": message, "message": message, "status": task.status}, status_code=409)
     return JSONResponse(_job_info(task, engine).model_dump())
 
 
