@@ -102,8 +102,8 @@ def time_call(
     fn: Callable[[], Any],
     device: torch.device,
     quick: bool = False,
-    target_ms: float = 30.0,
-    repeats: int = 7,
+    target_ms: float = 20.0,
+    repeats: int = 5,
     warmup: int = 3,
 ) -> dict[str, float]:
     """Median wall time of one ``fn()`` in ms, as the caller sees it in a steady loop.

@@ -17,9 +17,10 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 
 # Soft budgets (each script stops starting new configs past it) and hard kills, in seconds.
-UF_BUDGET=${UF_BUDGET:-110}; UF_KILL=${UF_KILL:-150}
-SL_BUDGET=${SL_BUDGET:-40};  SL_KILL=${SL_KILL:-70}
-SV_BUDGET=${SV_BUDGET:-70};  SV_KILL=${SV_KILL:-110}
+# Typical total ~4 min; worst case (every hard kill) ~6.5 min, so give the call timeout_s >= 420.
+UF_BUDGET=${UF_BUDGET:-100}; UF_KILL=${UF_KILL:-135}
+SV_BUDGET=${SV_BUDGET:-65};  SV_KILL=${SV_KILL:-105}
+SL_BUDGET=${SL_BUDGET:-35};  SL_KILL=${SL_KILL:-60}
 T0=$(date +%s)
 
 step() {  # step NAME KILL_SECONDS command...
@@ -36,7 +37,7 @@ step() {  # step NAME KILL_SECONDS command...
   nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>/dev/null
 } | tee "$LOG"
 
-step "graph tests" 90 $PY -m pytest -q -x -p no:cacheprovider tests/model/test_cuda_graphs.py
+step "graph tests" 60 $PY -m pytest -q -x -p no:cacheprovider tests/model/test_cuda_graphs.py
 step "unet_forward" "$UF_KILL" $PY -m bench.unet_forward --out "$OUT_DIR" --budget-s "$UF_BUDGET" "${EXTRA[@]}"
 step "server_load" "$SV_KILL" $PY -m bench.server_load --out "$OUT_DIR" --budget-s "$SV_BUDGET" "${EXTRA[@]}"
 step "sampling_loop" "$SL_KILL" $PY -m bench.sampling_loop --out "$OUT_DIR" --budget-s "$SL_BUDGET" "${EXTRA[@]}"

@@ -64,6 +64,16 @@ def test_padded_bucket_equals_eager(rows):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_row_counts_in_multiples_of_4_are_bitwise_on_cpu():
+    """What the server's CPU batch-invariance relies on (its buckets are multiples of 4): padding 4, 8 or
+    12 real rows up to a bucket gives exactly the unpadded eager result (fp32 GEMMs block rows by 4)."""
+    net = tiny_unet()
+    graphed = GraphedCallable(lambda x, t, y: net(x, t, class_labels=y).sample, buckets=(4, 8, 16))
+    for rows in (4, 8, 12):
+        x, t, y = inputs(rows, seed=rows)
+        assert torch.equal(graphed(x=x, t=t, y=y), eager(net, x, t, y))
+
+
 def test_padding_rows_cannot_leak():
     """Poison the padding rows with NaN and huge values: the real rows must be bitwise unchanged."""
     net = tiny_unet()
