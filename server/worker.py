@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.denoiser import cfg_combine
+from model.denoiser import cfg_combine, clamp_x0
 from model.noise import RequestNoise
 from model.pipeline import Pipeline
 from server.schemas import ResolvedRequest
@@ -203,6 +203,9 @@ class Worker:
             offset += r.rows
             if r.guided:
                 out = cfg_combine(out[:n], out[n:], r.guidance_scale)  # (n, C, H, W)
+            sched = r.pipeline.schedule
+            if sched.clip_sample_range is not None or sched.dynamic_thresholding_ratio is not None:
+                out = clamp_x0(out, sched.clip_sample_range, sched.dynamic_thresholding_ratio)
             r.states = [r.sampler.advance(s, out[i : i + 1]) for i, s in enumerate(r.states)]
             r.evaluations += 1
             done.append(all(r.sampler.done(s) for s in r.states))
