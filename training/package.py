@@ -134,8 +134,8 @@ def card(name: str, tr: dict | None, ev: dict | None, meta: dict) -> str:
     if name == "fashion-text-edges":
         lines += [
             "",
-            "Control maps: Sobel gradient magnitude of the colour-free garment intensity, thresholded at "
-            "0.25 (`training.data.edges`).",
+            "Control maps: thin edges (Sobel gradient of the colour-free garment intensity, non-maximum "
+            "suppression, threshold 0.25; `training.data.edges`).",
         ]
     lines += ["", "## Recipe", ""]
     lines += _recipe_lines(tr) if tr else ["(no training record)"]

@@ -22,10 +22,17 @@ for a in "$@"; do
   esac
 done
 PY=${PYTHON:-$(command -v python3 || command -v python)}
+case "$PY" in /*) ;; */*) PY="$PWD/$PY" ;; esac
+ROOT=$PWD
+case "$RUN" in /*) ;; *) RUN="$ROOT/$RUN" ;; esac
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export TRAINING_BACKEND=${TRAINING_BACKEND:-ours}
-if [ -d .carry/minilm ] && [ -z "${UNET_SERVER_TEXT_ENCODER_DIR:-}" ]; then export UNET_SERVER_TEXT_ENCODER_DIR=.carry/minilm; fi
-if [ -d .carry/fashion-mnist ] && [ -z "${FASHION_MNIST_DIR:-}" ]; then export FASHION_MNIST_DIR=.carry/fashion-mnist; fi
+if [ -d .carry/minilm ] && [ -z "${UNET_SERVER_TEXT_ENCODER_DIR:-}" ]; then
+  export UNET_SERVER_TEXT_ENCODER_DIR="$ROOT/.carry/minilm"
+fi
+if [ -d .carry/fashion-mnist ] && [ -z "${FASHION_MNIST_DIR:-}" ]; then
+  export FASHION_MNIST_DIR="$ROOT/.carry/fashion-mnist"
+fi
 
 CLF_S=${CLF_S:-45}
 CLASS_S=${CLASS_S:-450}
@@ -36,6 +43,11 @@ EVAL_ARGS=${EVAL_ARGS:-}
 
 mkdir -p "$RUN/out"
 rm -f "$RUN/DONE"
+# Run from a snapshot of the code: the working tree may be re-synced (other people's edits) while this runs,
+# and processes started later (ControlNet, evaluation, packaging) must use the code the run started with.
+rm -rf "$RUN/code" && mkdir -p "$RUN/code" && cp -r model training "$RUN/code/"
+find "$RUN/code" -name __pycache__ -prune -exec rm -rf {} +
+cd "$RUN/code"
 T0=$(date +%s)
 echo "run_all: $(date -u +%FT%TZ) run=$RUN smoke=${SMOKE:-no} python=$PY backend=$TRAINING_BACKEND" \
   "text_encoder=${UNET_SERVER_TEXT_ENCODER_DIR:-package} data=${FASHION_MNIST_DIR:-system}"

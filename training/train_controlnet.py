@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             "backend": control.impl,
             "base_model": "fashion-text",
             "cond_drop": args.cond_drop,
-            "control": "Sobel edges, threshold 0.25",
+            "control": "thin Sobel edges (NMS), threshold 0.25",
             "smoke": args.smoke,
         }
     )
