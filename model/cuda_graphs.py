@@ -174,20 +174,20 @@ class GraphedCallable:
         device and in the dtypes the function wants (later inputs are cast to them); its rows are repeated
         to fill the static buffers so that padding rows always hold valid, finite inputs.
         """
-        sig = self._signature(example)
+        sig = self._signature(*_flatten(example))
         for size in sorted(buckets or self.buckets, reverse=True):
             self._bucket(sig, size)
 
     @torch.no_grad()
     def __call__(self, **inputs: Any) -> Any:
         """Run on B rows (B = dim 0 of the tensor inputs); returns the first B output rows."""
-        leaves, _ = _flatten(inputs)
+        leaves, spec = _flatten(inputs)
         if not leaves:
             raise ValueError("a graphed call needs at least one tensor input")
         rows = leaves[0].shape[0]
         if any(t.shape[0] != rows for t in leaves):
             raise ValueError(f"all inputs need the same number of rows; got {[t.shape[0] for t in leaves]}")
-        sig = self._signature(inputs, leaves)
+        sig = self._signature(leaves, spec)
         size = self.bucket_for(rows)
         if size not in sig.buckets and self.uses_graphs(sig.buffers[0].device):
             log.warning("capturing a CUDA graph for bucket %d on first use; call warmup() first", size)
@@ -218,9 +218,7 @@ class GraphedCallable:
 
     # -- internals --
 
-    def _signature(self, inputs: dict[str, Any], leaves: list[torch.Tensor] | None = None) -> _Signature:
-        flat, spec = _flatten(inputs)
-        leaves = flat if leaves is None else leaves
+    def _signature(self, leaves: list[torch.Tensor], spec: Any) -> _Signature:
         if not leaves:
             raise ValueError("a graphed call needs at least one tensor input")
         device = self.device or leaves[0].device
