@@ -268,7 +268,10 @@ class Engine:
             for entry in expired:
                 self._fail(entry.payload, 504, "request passed its deadline before finishing")
             if plan is not None and plan.entries:
-                self._step(plan)
+                try:
+                    self._step(plan)
+                except Exception:  # a bug outside the guarded calls must not kill the device loop
+                    self._fault([e.payload for e in plan.entries if not e.payload.done], "engine step failed")
 
     def _step(self, plan: Plan) -> None:
         tasks: list[Task] = [e.payload for e in plan.entries]
