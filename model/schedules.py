@@ -204,8 +204,10 @@ def _vp_timesteps(schedule: Schedule, n: int, spacing: str) -> np.ndarray:
     if spacing == "leading":
         ratio = T // n
         return (np.arange(0, n) * ratio).round()[::-1].astype(np.int64) + schedule.steps_offset
-    # trailing
-    return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+    # trailing: diffusers' expression, cut to n entries. A float-step arange can overshoot by one element
+    # (T=300, n=7 gives 8 values, the last ≈ 1.7e-13, i.e. timestep −1; diffusers 0.42 has this bug in every
+    # scheduler). The first n entries are exactly diffusers' values, so parity holds wherever it is valid.
+    return np.round(np.arange(T, 0, -T / n)[:n]).astype(np.int64) - 1
 
 
 def make_sigmas(
@@ -255,9 +257,10 @@ def make_sigmas(
         if n > T:
             raise ValueError(f"num_inference_steps={n} exceeds num_train_timesteps={T} ({spacing!r} spacing)")
         ts = _vp_timesteps(schedule, n, spacing)
-        if ts.max() >= T or ts.min() < 0:
+        if ts.max() >= T or ts.min() < 0:  # reachable with "leading" and a large steps_offset
+            bad = ts.max() if ts.max() >= T else ts.min()
             raise ValueError(
-                f"{spacing!r} spacing with steps_offset={schedule.steps_offset} gives timestep {ts.max()} "
+                f"{spacing!r} spacing with steps_offset={schedule.steps_offset} gives timestep {bad} "
                 f"outside 0..{T - 1} for num_inference_steps={n}"
             )
         sig = schedule.sigmas.numpy()[ts]

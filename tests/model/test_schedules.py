@@ -51,6 +51,32 @@ def test_vp_grid_timesteps_match_ddim(spacing, offset, steps):
     assert (sch.sigma_to_t(sigmas[:-1].float()) - ref.timesteps).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("T", [50, 300, 999, 1000])
+def test_trailing_timesteps_stay_in_table_for_every_step_count(T):
+    """Regression: a float-step arange overshoots for some (T, n) (T=300, n=7 gave 8 timesteps ending in −1;
+    diffusers 0.42 still does). Every step count 1..T must give n timesteps in [0, T−1], equal to
+    diffusers' wherever diffusers' own list is valid."""
+    sch = Schedule.from_config({"_class_name": "DDIMScheduler", "num_train_timesteps": T,
+                                "timestep_spacing": "trailing"})
+    ref = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
+    overshoots = 0
+    for n in range(1, T + 1):
+        sigmas = make_sigmas(sch, n)
+        assert sigmas.shape == (n + 1,) and sigmas[-1] == 0
+        ts = sch.sigma_to_t(sigmas[:-1])  # table σ map back to their integer timesteps
+        assert torch.equal(ts, ts.round()) and ts.min() >= 0 and ts.max() <= T - 1, (T, n)
+        assert (ts[1:] < ts[:-1]).all() and ts[0] == T - 1
+        ref.set_timesteps(n)
+        want = ref.timesteps.double()
+        if want.shape == (n,) and want.min() >= 0:
+            assert torch.equal(ts, want), (T, n)
+        else:  # diffusers' broken case: one extra −1 appended to the right list
+            overshoots += 1
+            assert torch.equal(ts, want[:n]) and want[n:].tolist() == [-1.0], (T, n)
+    if T == 300:
+        assert overshoots > 0  # the test covers the bug it guards against (n=7 among them)
+
+
 def test_karras_grid_matches_euler_discrete():
     ref = diffusers.EulerDiscreteScheduler(use_karras_sigmas=True, timestep_spacing="linspace")
     ref.set_timesteps(12)

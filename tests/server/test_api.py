@@ -68,6 +68,14 @@ def test_generate_class_json(client: httpx.Client) -> None:
     assert alone["images"][0] == body["images"][1]
 
 
+def test_trailing_step_counts_that_once_gave_timestep_minus_one(client: httpx.Client) -> None:
+    """tiny-class is trailing with T=1000: 61 steps used to make a grid ending in timestep −1 (a 422)."""
+    r = client.post("/generate", json={"model": "tiny-class", "num_inference_steps": 61, "seed": 1,
+                                       "guidance_scale": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["num_inference_steps"] == 61
+
+
 def test_generate_png_accept(client: httpx.Client) -> None:
     r = client.post(
         "/generate",
