@@ -34,8 +34,8 @@ if [ -d .carry/fashion-mnist ] && [ -z "${FASHION_MNIST_DIR:-}" ]; then
   export FASHION_MNIST_DIR="$ROOT/.carry/fashion-mnist"
 fi
 
-CLF_S=${CLF_S:-45}
-CLASS_S=${CLASS_S:-450}
+CLF_S=${CLF_S:-60}
+CLASS_S=${CLASS_S:-440}
 TEXT_S=${TEXT_S:-330}
 CN_S=${CN_S:-200}
 COMPILE=${COMPILE:-1}

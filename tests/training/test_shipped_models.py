@@ -168,4 +168,4 @@ def test_fashion_text_edges_follows_the_map(test_images, text) -> None:
     without = generate(unet, sched, sampler, steps, guidance, seeds, context=ctx, uncond=text.uncond)
     f1 = edge_f1(edges(with_control), maps).mean().item()
     f1_base = edge_f1(edges(without), maps).mean().item()
-    assert f1 >= 0.5 and f1 > f1_base, f"edge F1 {f1:.2f} with control, {f1_base:.2f} without"
+    assert f1 >= 0.6 and f1 >= f1_base + 0.05, f"edge F1 {f1:.2f} with control, {f1_base:.2f} without"
