@@ -151,7 +151,7 @@ def _load(state: ServerState, text_encoder_loader: Callable[..., Any] | None) ->
     state.ctx = ValidationContext(
         models=state.models, check_sampler=_check_sampler, settings=s, check_steps=check_steps
     )
-    worker = Worker(pipelines, s.batch_buckets)
+    worker = Worker(pipelines, s.batch_buckets, cuda_graphs=s.cuda_graphs)
     worker.warmup()
     if device.type == "cuda":
         state.metrics.set_gpu_memory_source(lambda: float(torch.cuda.memory_allocated(device)))

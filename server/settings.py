@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     # Forward passes are padded up to one of these sizes, each warmed at startup. Multiples of 4 keep CPU
     # fp32 GEMMs batch-invariant (MKL blocks rows by 4), so a seed gives the same bytes alone or batched.
     batch_buckets: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [4, 8, 16, 32, 64])
+    # On CUDA, run the denoiser through CUDA graphs captured per bucket at warm-up (no effect on CPU).
+    cuda_graphs: bool = True
     # Requests admitted but not yet started; beyond this a request gets 429.
     max_queue_size: int = Field(256, ge=1)
     # Deadline of a /generate or /v1/images/generations request, from arrival (504 past it).

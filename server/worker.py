@@ -6,8 +6,13 @@ whether requested alone or as part of a batch) plus the conditioning rows, built
 
 Row layout of one request inside a forward pass: its n images, then (with guidance) the same n images again
 with the unconditional conditioning. Forward passes are padded to the next batch bucket (repeating the first
-row, so padding is always finite input); every bucket runs once at ``warmup``. The padded call goes through
-``self._forward`` so a CUDA-graph runner (model/cuda_graphs.py) can replace it without touching the rest.
+row, so padding is always finite input); every bucket runs once at ``warmup``.
+
+On CUDA (unless ``cuda_graphs=False``) each denoiser runs through a ``GraphedDenoiser``
+(model/cuda_graphs.py): one CUDA graph per bucket, all captured at ``warmup`` for the model's default size,
+with and without control for ControlNet pipelines. A call whose structure was not captured (another image
+size) runs eagerly rather than capture on the hot path. The CPU path is eager and unchanged: its byte-exact
+batch invariance relies on bucket-sized GEMMs, including the ControlNet's subset of rows.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.cuda_graphs import GraphedDenoiser
 from model.denoiser import cfg_combine, clamp_x0
 from model.noise import RequestNoise
 from model.pipeline import Pipeline
@@ -54,7 +60,13 @@ class RequestState:
 class Worker:
     """Runs one packed denoiser forward pass per ``step`` over the rows of many requests."""
 
-    def __init__(self, pipelines: dict[str, Pipeline], buckets: Sequence[int], prompt_cache_size: int = 1024):
+    def __init__(
+        self,
+        pipelines: dict[str, Pipeline],
+        buckets: Sequence[int],
+        prompt_cache_size: int = 1024,
+        cuda_graphs: bool = True,
+    ):
         if not pipelines:
             raise ValueError("no pipelines")
         self.pipelines = pipelines
@@ -64,6 +76,10 @@ class Worker:
         self._prompt_cache: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
         self.warmed: set[tuple[Hashable, int]] = set()
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[int, GraphedDenoiser] = {}  # id(denoiser) -> its runner
+        # (id(denoiser), per-row x shape, with control) of every structure captured for all buckets
+        self._captured: set[tuple[int, tuple[int, ...], bool]] = set()
         # A base model with several ControlNets cannot run them all in one call: key those apart.
         per_unet: dict[int, set[int]] = {}
         for p in pipelines.values():
@@ -223,6 +239,17 @@ class Worker:
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """The denoiser on rows padded up to their bucket (pad = copies of row 0); returns the real rows."""
+        runner = self._runner(denoiser, x, control)
+        if runner is not None:  # pads, replays, folds the mask into the scale; returns a copy
+            return runner(
+                x,
+                sigma,
+                class_labels=class_labels,
+                context=context,
+                control_cond=control,
+                control_scale=scale,
+                control_mask=mask,
+            )
         rows = x.shape[0]
         pad = self.bucket_for(rows) - rows
         pad_scale = True
@@ -257,6 +284,29 @@ class Worker:
         )
         return out[:rows]
 
+    # -- CUDA graphs ----------------------------------------------------------------------------
+
+    def _runner(self, denoiser: Any, x: torch.Tensor, control: torch.Tensor | None) -> GraphedDenoiser | None:
+        """The denoiser's graph runner if this input structure was captured at warm-up, else None (eager)."""
+        if (id(denoiser), tuple(x.shape[1:]), control is not None) not in self._captured:
+            return None
+        return self._graphs[id(denoiser)]
+
+    def _capture(self, denoiser: Any, **example: Any) -> None:
+        """Capture a graph per bucket for the structure of ``example`` (x fp32, sigma float64, max rows)."""
+        key = (id(denoiser), tuple(example["x"].shape[1:]), example.get("control_cond") is not None)
+        if key in self._captured:
+            return
+        runner = self._graphs.get(id(denoiser))
+        if runner is None:
+            runner = self._graphs[id(denoiser)] = GraphedDenoiser(denoiser, self.buckets, device=self.device)
+        runner.warmup(**example)
+        self._captured.add(key)
+
+    def captured_graphs(self) -> dict[int, list[int]]:
+        """Bucket sizes with a captured CUDA graph, per denoiser (empty on CPU or with graphs off)."""
+        return {k: r.captured() for k, r in self._graphs.items()}
+
     # -- results and warm-up ------------------------------------------------------------------
 
     @torch.no_grad()
@@ -266,27 +316,56 @@ class Worker:
         x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return x.permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, C)
 
+    def _example(self, p: Pipeline, rows: int) -> dict[str, Any]:
+        """Denoiser inputs of ``rows`` rows at the pipeline's default size (with control if it has one)."""
+        d, dev = p.defaults, self.device
+        example: dict[str, Any] = {
+            "x": torch.zeros(rows, p.image_channels, d.height, d.width, device=dev),  # fp32, as in step
+            "sigma": torch.full((rows,), float(p.schedule.sigma_max), dtype=torch.float64, device=dev),
+            "class_labels": None,
+            "context": None,
+            "control_cond": None,
+            "control_scale": None,
+        }
+        if p.kind == "class":
+            label = p.null_class_label or 0
+            example["class_labels"] = torch.full((rows,), label, dtype=torch.long, device=dev)
+        else:
+            example["context"] = self._encode(p, [""])[0].expand(rows, -1, -1)  # (rows, L, D)
+        if p.controlnet is not None:
+            example["control_cond"] = torch.zeros(rows, 1, d.height, d.width, device=dev)
+            example["control_scale"] = torch.ones(rows, device=dev)
+        return example
+
     @torch.no_grad()
     def warmup(self) -> None:
-        """Run every batch bucket once for each distinct denoiser configuration at its default size."""
+        """Run every batch bucket once for each distinct denoiser configuration at its default size.
+
+        With CUDA graphs: capture every bucket per denoiser instead, with and without control for a
+        ControlNet pipeline (a batch whose rows carry no control map runs its denoiser without control).
+        """
         for p in self.pipelines.values():
             d = p.defaults
             key = (id(p.unet), id(p.controlnet), d.height, d.width)
+            if self.cuda_graphs:
+                example = self._example(p, self.max_rows)
+                self._capture(p.denoiser, **example)
+                if p.controlnet is not None:
+                    self._capture(p.denoiser, **{**example, "control_cond": None, "control_scale": None})
+                self.warmed.update((key, b) for b in self.buckets)
+                continue
             for b in self.buckets:
                 if (key, b) in self.warmed:
                     continue
-                x = torch.zeros(b, p.image_channels, d.height, d.width, device=self.device)
-                sigma = torch.full((b,), float(p.schedule.sigma_max), dtype=torch.float64, device=self.device)
-                labels = context = control = scale = None
-                if p.kind == "class":
-                    labels = torch.full((b,), p.null_class_label or 0, dtype=torch.long, device=self.device)
-                else:
-                    context = self._encode(p, [""])[0].expand(b, -1, -1)  # (b, L, D)
-                if p.controlnet is not None:
-                    control = torch.zeros(b, 1, d.height, d.width, device=self.device)
-                    scale = torch.ones(b, device=self.device)
-                self._forward(p.denoiser, x, sigma, labels, context, control, scale, None)
+                e = self._example(p, b)
+                self._forward(
+                    p.denoiser, e["x"], e["sigma"], e["class_labels"], e["context"], e["control_cond"],
+                    e["control_scale"], None,
+                )
                 self.warmed.add((key, b))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        log.info("warmed %d (model, bucket) pairs; buckets %s", len(self.warmed), self.buckets)
+        log.info(
+            "warmed %d (model, bucket) pairs; buckets %s; CUDA graphs %s",
+            len(self.warmed), self.buckets, "on" if self.cuda_graphs else "off",
+        )
