@@ -44,11 +44,12 @@ class RequestNoise:
         return self._draw(shape, device)
 
     def _draw(self, shape: Shape, device: torch.device | str | None) -> torch.Tensor:
-        z = torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
-        if device is not None and torch.device(device).type != "cpu":
-            # The CPU draw is in pageable memory; a plain copy is enough for a (C, H, W) tensor.
-            z = z.to(device)
-        return z
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        cuda = device.type == "cuda"
+        # On CUDA, draw into pinned memory so the copy is asynchronous: no host sync inside an engine step.
+        # Same generator, same kernel: the values do not depend on where the host buffer lives.
+        z = torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32, pin_memory=cuda)
+        return z if device.type == "cpu" else z.to(device, non_blocking=cuda)
 
     def __repr__(self) -> str:
         return f"RequestNoise(seed={self.seed})"

@@ -316,19 +316,24 @@ class Engine:
             finished = self.scheduler.update(plan, finished_ids)
             self._gauges()
         finished_set = {e.id for e in finished}
+        completing: list[Task] = []
         for task, d in zip(ready, done, strict=True):
             if task.done:  # cancelled or expired while the step ran: its output is dropped
                 continue
             task.step = task.worker_state.evaluations
             self._call(task._publish, "progress", task._event_data())
             if d and task.id in finished_set:
-                try:
-                    images = self.worker.images(task.worker_state)
-                except Exception:
-                    self._fault([task], "reading back images failed")
-                    continue
-                task.worker_state = None  # free device memory now
-                self._call(self._complete, task, images)
+                completing.append(task)
+        if not completing:
+            return
+        try:  # one device-to-host copy for every request finishing in this step
+            images = self.worker.images([t.worker_state for t in completing])
+        except Exception:
+            self._fault(completing, "reading back images failed")
+            return
+        for task, pixels in zip(completing, images, strict=True):
+            task.worker_state = None  # free device memory now
+            self._call(self._complete, task, pixels)
 
     def _total_evaluations(self, task: Task) -> int:
         """Denoiser calls the request will take (sampler-specific, e.g. Heun: 2 per step but the last)."""

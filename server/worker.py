@@ -142,7 +142,7 @@ class Worker:
             if label is None:
                 label = 0  # no null row in this model: an unconditional request samples class 0
             labels = [label] * n + ([null] * n if req.guided else [])
-            class_labels = torch.tensor(labels, dtype=torch.long, device=dev)  # (rows,)
+            class_labels = self._to_device(torch.tensor(labels, dtype=torch.long))  # (rows,)
         else:
             prompts = [req.prompt or ""]
             if req.guided:
@@ -153,7 +153,7 @@ class Worker:
                 parts.append(rows[1].expand(n, *rows[1].shape))
             context = torch.cat(parts)  # (rows, L, D)
         if req.control is not None:
-            cond = torch.from_numpy(np.ascontiguousarray(req.control)).to(dev)  # (H, W)
+            cond = self._to_device(torch.from_numpy(np.ascontiguousarray(req.control)))  # (H, W)
             control = cond[None, None].expand(n * (2 if req.guided else 1), 1, *cond.shape)  # (rows, 1, H, W)
         return RequestState(
             pipeline=p,
@@ -176,21 +176,18 @@ class Worker:
 
         Returns per request whether its sampler is done.
         """
-        xs, sigmas = [], []
+        xs: list[torch.Tensor] = []
+        sigma_rows: list[float] = []  # σ per row as Python floats: gathered on the host, copied once
         for r in requests:
             inputs = [r.sampler.next_input(s) for s in r.states]
             x = torch.cat([i[0] for i in inputs])  # (n, C, H, W)
-            sigma = torch.cat(
-                [torch.as_tensor(i[1], dtype=torch.float64).reshape(-1) for i in inputs]
-            )  # (n,)
-            if sigma.shape[0] != x.shape[0]:
-                sigma = sigma.expand(x.shape[0])
+            sigma = [float(s) for x_i, s in inputs for _ in range(x_i.shape[0])]  # (n,)
             if r.guided:
-                x, sigma = torch.cat([x, x]), torch.cat([sigma, sigma])  # (2n, C, H, W), (2n,)
+                x, sigma = torch.cat([x, x]), sigma + sigma  # (2n, C, H, W): cond rows, then uncond rows
             xs.append(x)
-            sigmas.append(sigma)
+            sigma_rows += sigma
         x = torch.cat(xs)  # (B, C, H, W)
-        sigma = torch.cat(sigmas).to(x.device)  # (B,)
+        sigma = self._to_device(torch.tensor(sigma_rows, dtype=torch.float64))  # (B,)
         head = requests[0].pipeline
         class_labels = torch.cat([r.class_labels for r in requests]) if head.kind == "class" else None
         context = torch.cat([r.context for r in requests]) if head.kind == "text" else None
@@ -202,10 +199,13 @@ class Worker:
             control = torch.cat(
                 [r.control if r.control is not None else zeros.expand(r.rows, -1, -1, -1) for r in requests]
             )  # (B, 1, H, W)
-            scale = torch.cat(
-                [x.new_full((r.rows,), r.control_scale if r.control is not None else 0.0) for r in requests]
-            )  # (B,)
-            if len(with_control) < len(requests):
+            # Rows without a control map get scale 0: exactly zero residuals.
+            scales = [(r.control_scale if r.control is not None else 0.0) for r in requests]
+            per_row = [v for v, r in zip(scales, requests, strict=True) for _ in range(r.rows)]
+            scale = self._to_device(torch.tensor(per_row, dtype=torch.float32))  # (B,)
+            if len(with_control) < len(requests) and self.device.type != "cuda":
+                # CPU: run the ControlNet on the rows with a map only (see _forward). On CUDA the zero scale
+                # alone does it, with static shapes and without boolean indexing's host sync.
                 mask = torch.cat(
                     [torch.full((r.rows,), r.control is not None, dtype=torch.bool) for r in requests]
                 )  # (B,)
@@ -309,12 +309,24 @@ class Worker:
 
     # -- results and warm-up ------------------------------------------------------------------
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device; on CUDA through pinned memory, without blocking the host."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     @torch.no_grad()
-    def images(self, r: RequestState) -> np.ndarray:
-        """Final images as uint8 (n, H, W, C): round((x + 1) / 2 * 255), clamped."""
-        x = torch.cat([r.sampler.result(s) for s in r.states]).float()  # (n, C, H, W)
+    def images(self, requests: Sequence[RequestState]) -> list[np.ndarray]:
+        """Final images per request as uint8 (n, H, W, C): round((x + 1) / 2 * 255), clamped.
+
+        The requests share one image shape (one batch key, e.g. those finishing in one step): the results
+        are converted on the device and read back in a single device-to-host copy.
+        """
+        x = torch.cat([r.sampler.result(s) for r in requests for s in r.states]).float()  # (N, C, H, W)
         x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return x.permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, C)
+        pixels = x.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, C)
+        bounds = np.cumsum([0] + [r.num_images for r in requests])
+        return [pixels[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def _example(self, p: Pipeline, rows: int) -> dict[str, Any]:
         """Denoiser inputs of ``rows`` rows at the pipeline's default size (with control if it has one)."""

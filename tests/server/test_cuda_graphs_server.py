@@ -158,3 +158,34 @@ def test_other_sizes_run_eagerly(graphed: LiveServer) -> None:
         assert r.status_code == 200, r.text
     assert graphed.engine.worker._captured == captured
     assert graphed.engine.worker.captured_graphs() == before
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+def test_step_makes_no_host_syncs(weights_dir: Path, cuda_graphs: bool) -> None:
+    """Every engine step on CUDA (σ, labels, noise, control scale in; sampler updates out) runs under
+    torch.cuda.set_sync_debug_mode("error"): no .item(), nonzero, or blocking copy. Only the final read-back
+    of the images synchronises (once for all requests)."""
+    from model.pipeline import load_pipelines
+    from server.worker import Worker
+    from tests.server.conftest import FakeTextEncoder
+    from tests.server.test_worker import CLASS_REQUESTS, TEXT_REQUESTS
+
+    pipelines = load_pipelines(
+        weights_dir, device="cuda", dtype=torch.float16, text_encoder_loader=FakeTextEncoder
+    )
+    worker = Worker(pipelines, BUCKETS, cuda_graphs=cuda_graphs)
+    worker.warmup()
+    for reqs in (TEXT_REQUESTS, CLASS_REQUESTS):
+        states = [worker.prepare(r) for r in reqs]  # prompt encoding may sync; it is not a step
+        torch.cuda.synchronize()
+        live = list(range(len(states)))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            while live:
+                done = worker.step([states[i] for i in live])
+                live = [i for i, d in zip(live, done, strict=True) if not d]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        pixels = worker.images(states)
+        assert [p.shape[0] for p in pixels] == [r.num_images for r in reqs]
+        assert all(p.std() > 0 for p in pixels)

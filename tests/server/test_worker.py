@@ -58,7 +58,7 @@ def run(worker: Worker, reqs: list[ResolvedRequest]) -> list[np.ndarray]:
     while live:
         done = worker.step([states[i] for i in live])
         live = [i for i, d in zip(live, done, strict=True) if not d]
-    return [worker.images(s) for s in states]
+    return worker.images(states)
 
 
 @pytest.mark.parametrize("reqs", [TEXT_REQUESTS, CLASS_REQUESTS], ids=["text+control", "class"])
