@@ -18,13 +18,19 @@ s = σ/α (the step from s to s' is computed in ratios so that α = 0 at flow σ
 
 History (DPM++ 2M), Heun's pending correction and the request's generator live in the `SamplerState`;
 σ values are Python floats, so `advance` does a few fused tensor ops and no host syncs.
+
+`advance_many(states, denoised)` advances many states (of many requests) of one sampler configuration at
+once: DDIM, Euler and DPM++ 2M update all rows of a step kind with one set of tensor ops and per-row
+coefficients. Their updates use only elementwise mul/add/sub/div (no lerp or FMA-fused kernels), whose
+results do not depend on a row's position in the batch, so this is bitwise equal to `advance` per state
+on CPU. The others loop over `advance`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -148,6 +154,36 @@ class Sampler:
         self.step(state, denoised.float())
         return state
 
+    @property
+    def batch_key(self) -> Hashable:
+        """Samplers with equal keys compute identical updates: their states can share `advance_many`."""
+        return (type(self), self.model_kind, self.eta)
+
+    def advance_many(self, states: Sequence[SamplerState], denoised: Tensor) -> None:
+        """`advance(states[i], denoised[i : i + 1])` for every i; denoised (N, C, H, W) fp32, one row each.
+
+        Rows are grouped by `_step_kind`; a group of 2+ rows takes one vectorised `_step_many`.
+        """
+        groups: dict[Hashable, list[int]] = {}
+        for i, st in enumerate(states):
+            kind = self._step_kind(st)
+            if kind is None:
+                self.advance(st, denoised[i : i + 1])
+            else:
+                groups.setdefault(kind, []).append(i)
+        for kind, rows in groups.items():
+            if len(rows) == 1:
+                self.advance(states[rows[0]], denoised[rows[0] : rows[0] + 1])
+            else:
+                self._step_many(kind, [states[i] for i in rows], denoised[rows].float())
+
+    def _step_kind(self, st: SamplerState) -> Hashable | None:
+        """Which vectorised update `st`'s next step takes; None: only `step` (per state)."""
+        return None
+
+    def _step_many(self, kind: Hashable, states: list[SamplerState], denoised: Tensor) -> None:
+        raise NotImplementedError
+
     @staticmethod
     def done(state: SamplerState) -> bool:
         return state.i >= len(state.sigmas) - 1
@@ -171,6 +207,18 @@ class Sampler:
         return sigma_next * a / (sigma * a_next) if sigma_next > 0 else 0.0
 
 
+def _per_row(values: list[float], like: Tensor) -> Tensor:
+    """Per-row coefficients (N,) → (N, 1, 1, 1) fp32 on `like`'s device (rounded to fp32 exactly as a Python
+    float operand is); on CUDA copied from pinned memory without a host sync."""
+    cuda = like.device.type == "cuda"
+    t = torch.tensor(values, dtype=torch.float32, pin_memory=cuda)
+    return t.to(like.device, non_blocking=cuda).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _stack(states: list[SamplerState]) -> Tensor:
+    return torch.cat([st.x for st in states])  # (N, C, H, W)
+
+
 # ---- deterministic (ODE) samplers -------------------------------------------------------------------------
 
 
@@ -185,8 +233,19 @@ class DDIM(Sampler):
 
     def step(self, st: SamplerState, denoised: Tensor) -> None:
         sigma, sigma_next = st.sigmas[st.i], st.sigmas[st.i + 1]
-        st.x = torch.lerp(denoised, st.x, sigma_next / sigma)
+        st.x = denoised + (st.x - denoised) * (sigma_next / sigma)
         st.i += 1
+
+    def _step_kind(self, st: SamplerState) -> Hashable | None:
+        return "ddim"
+
+    def _step_many(self, kind: Hashable, states: list[SamplerState], denoised: Tensor) -> None:
+        x = _stack(states)
+        ratio = _per_row([st.sigmas[st.i + 1] / st.sigmas[st.i] for st in states], x)
+        x = denoised + (x - denoised) * ratio  # (N, C, H, W), as `step` per row
+        for j, st in enumerate(states):
+            st.x = x[j : j + 1]
+            st.i += 1
 
 
 class Euler(Sampler):
@@ -200,6 +259,18 @@ class Euler(Sampler):
         d = (st.x - denoised) / sigma
         st.x = st.x + d * (sigma_next - sigma)
         st.i += 1
+
+    def _step_kind(self, st: SamplerState) -> Hashable | None:
+        return "euler"
+
+    def _step_many(self, kind: Hashable, states: list[SamplerState], denoised: Tensor) -> None:
+        x = _stack(states)
+        sigma = _per_row([st.sigmas[st.i] for st in states], x)
+        dt = _per_row([st.sigmas[st.i + 1] - st.sigmas[st.i] for st in states], x)
+        x = x + (x - denoised) / sigma * dt  # (N, C, H, W), as `step` per row
+        for j, st in enumerate(states):
+            st.x = x[j : j + 1]
+            st.i += 1
 
 
 class Heun(Sampler):
@@ -245,16 +316,40 @@ class DPMPP2M(Sampler):
     default_spacing = "trailing"
     description = "DPM-Solver++(2M), second-order multistep, 1 evaluation per step"
 
-    def step(self, st: SamplerState, denoised: Tensor) -> None:
+    def _coefficients(self, st: SamplerState) -> tuple[float, float, float | None, float]:
+        """(a, b, c, h): x' = a·x + b·D with D = x0 + c·(x0 − x0_prev) (c None: first order), h the step."""
         sigma, sigma_next = st.sigmas[st.i], st.sigmas[st.i + 1]
         q = self._ratio(sigma, sigma_next)  # e^(−h)
         h = -math.log(q) if q > 0 else math.inf
-        d = denoised
+        c = None
         if st.old_denoised is not None and q > 0 and math.isfinite(st.h_last):
-            d = denoised + (denoised - st.old_denoised) * (0.5 * h / st.h_last)
-        st.x = st.x * (sigma_next / sigma) + d * (self._alpha(sigma_next) * (1 - q))
+            c = 0.5 * h / st.h_last
+        return sigma_next / sigma, self._alpha(sigma_next) * (1 - q), c, h
+
+    def step(self, st: SamplerState, denoised: Tensor) -> None:
+        a, b, c, h = self._coefficients(st)
+        d = denoised if c is None else denoised + (denoised - st.old_denoised) * c
+        st.x = st.x * a + d * b
         st.old_denoised, st.h_last = denoised, h
         st.i += 1
+
+    def _step_kind(self, st: SamplerState) -> Hashable | None:
+        return "second order" if self._coefficients(st)[2] is not None else "first order"
+
+    def _step_many(self, kind: Hashable, states: list[SamplerState], denoised: Tensor) -> None:
+        coefficients = [self._coefficients(st) for st in states]
+        x = _stack(states)
+        a = _per_row([k[0] for k in coefficients], x)
+        b = _per_row([k[1] for k in coefficients], x)
+        d = denoised
+        if kind == "second order":
+            old = torch.cat([st.old_denoised for st in states])  # (N, C, H, W)
+            d = denoised + (denoised - old) * _per_row([k[2] for k in coefficients], x)
+        x = x * a + d * b  # (N, C, H, W), as `step` per row
+        for j, (st, k) in enumerate(zip(states, coefficients, strict=True)):
+            st.x = x[j : j + 1]
+            st.old_denoised, st.h_last = denoised[j : j + 1], k[3]
+            st.i += 1
 
 
 # ---- stochastic (SDE) samplers ----------------------------------------------------------------------------
