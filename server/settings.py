@@ -35,8 +35,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # Attention backend; "auto" probes xformers, then sdpa, then math by running a tiny call.
     attention_backend: Literal["auto", "xformers", "sdpa", "math"] = "auto"
-    # Most rows (images x CFG halves) in one forward pass; also the largest batch bucket.
-    max_batch_rows: int = Field(64, ge=1, le=4096)
+    # Most rows (images x CFG halves) in one forward pass; also the largest batch bucket. "auto" = 128 when
+    # the server runs on CUDA (graph replay makes big buckets cheap), 64 on CPU; resolved at validation.
+    max_batch_rows: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = "auto"
     # Forward passes are padded up to one of these sizes, each warmed at startup. Multiples of 4 keep CPU
     # fp32 GEMMs batch-invariant (MKL blocks rows by 4), so a seed gives the same bytes alone or batched.
     batch_buckets: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [4, 8, 16, 32, 64])
@@ -76,8 +77,18 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _buckets(self) -> Settings:
+        if self.max_batch_rows == "auto":
+            self.max_batch_rows = 128 if self._on_cuda() else 64
         buckets = sorted({int(b) for b in self.batch_buckets if 0 < int(b) <= self.max_batch_rows})
         if not buckets or buckets[-1] != self.max_batch_rows:
             buckets.append(self.max_batch_rows)
         self.batch_buckets = buckets
         return self
+
+    def _on_cuda(self) -> bool:
+        """Whether the server will run on CUDA (``device="auto"`` asks torch, as the loader does)."""
+        if self.device != "auto":
+            return self.device == "cuda"
+        import torch
+
+        return torch.cuda.is_available()

@@ -103,9 +103,14 @@ def test_ready_only_after_every_bucket_is_captured(
         server.stop()
 
 
-def test_graphs_on_the_shared_server(graphed: LiveServer) -> None:
+def test_graphs_on_the_shared_server(graphed: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
     all_graphs_captured(graphed)
     assert graphed.engine.worker.device.type == "cuda"
+    from server.settings import Settings
+
+    for name in ("UNET_SERVER_MAX_BATCH_ROWS", "UNET_SERVER_DEVICE", "UNET_SERVER_BATCH_BUCKETS"):
+        monkeypatch.delenv(name, raising=False)
+    assert Settings().batch_buckets == [4, 8, 16, 32, 64, 128]  # auto on a CUDA machine
 
 
 def test_graphed_forward_matches_eager_denoiser(graphed: LiveServer) -> None:

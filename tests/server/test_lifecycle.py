@@ -168,6 +168,22 @@ def test_default_settings_serve_shipped_models(monkeypatch: pytest.MonkeyPatch) 
     assert s.batch_buckets[-1] == s.max_batch_rows
 
 
+def test_max_batch_rows_auto_follows_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.settings import Settings
+
+    monkeypatch.delenv("UNET_SERVER_MAX_BATCH_ROWS", raising=False)
+    monkeypatch.delenv("UNET_SERVER_DEVICE", raising=False)
+    monkeypatch.delenv("UNET_SERVER_BATCH_BUCKETS", raising=False)
+    assert Settings(device="cpu").max_batch_rows == 64
+    s = Settings(device="cuda")
+    assert s.max_batch_rows == 128 and s.batch_buckets == [4, 8, 16, 32, 64, 128]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Settings().max_batch_rows == 128  # device auto: what the loader will pick
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert Settings().max_batch_rows == 64
+    assert Settings(device="cuda", max_batch_rows=48).batch_buckets == [4, 8, 16, 32, 48]
+
+
 # -- model folders ----------------------------------------------------------------------------------
 
 
