@@ -175,7 +175,11 @@ class Sampler:
             if len(rows) == 1:
                 self.advance(states[rows[0]], denoised[rows[0] : rows[0] + 1])
             else:
-                self._step_many(kind, [states[i] for i in rows], denoised[rows].float())
+                # slices and cat, not denoised[rows]: a list index is a blocking host-to-device copy on CUDA
+                picked = denoised
+                if len(rows) < len(states):
+                    picked = torch.cat([denoised[i : i + 1] for i in rows])  # (len(rows), C, H, W)
+                self._step_many(kind, [states[i] for i in rows], picked.float())
 
     def _step_kind(self, st: SamplerState) -> Hashable | None:
         """Which vectorised update `st`'s next step takes; None: only `step` (per state)."""

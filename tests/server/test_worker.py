@@ -48,14 +48,18 @@ CLASS_REQUESTS = [
     request("tiny-class", "ddim", 4, 5, class_label=1, guidance_scale=2.5, guided=True),
     request("tiny-class", "euler", 5, 6, class_label=0),
     request("tiny-class", "dpmpp_2m", 6, 7, class_label=2, num_images=3),
+    request("tiny-class", "DPM++ 2M Karras", 5, 8, class_label=0, num_images=2),
 ]
 
 
 def run(worker: Worker, reqs: list[ResolvedRequest]) -> list[np.ndarray]:
-    """Sample requests sharing every forward pass (all start together, leave when done)."""
+    """Sample requests sharing forward passes: one joins per step (so rows sit at different steps, e.g.
+    DPM++ first and second order in one pass), each leaves when done."""
     states = [worker.prepare(r) for r in reqs]
-    live = list(range(len(reqs)))
-    while live:
+    waiting, live = list(range(len(reqs))), []
+    while waiting or live:
+        if waiting:
+            live.append(waiting.pop(0))
         done = worker.step([states[i] for i in live])
         live = [i for i, d in zip(live, done, strict=True) if not d]
     return worker.images(states)
