@@ -2,9 +2,9 @@
 
 By default the tests start the container's command (`python -m server`, see the Dockerfile's CMD) as a real
 process on a free loopback port, on CPU, serving the shipped models in weights/. With SERVER_URL set
-(e.g. `SERVER_URL=http://127.0.0.1:8000` for a container or the GPU machine) they target that server
-instead and start nothing. Set UNET_SERVER_API_KEY to the server's key if it has one (the started server
-then requires it too).
+(e.g. `SERVER_URL=http://127.0.0.1:8000` for a container) they target that server instead and start
+nothing; INTEGRATION_DEVICE=cuda starts the process on the GPU (fp16) instead of the CPU. Set
+UNET_SERVER_API_KEY to the server's key if it has one (the started server then requires it too).
 
 These tests are marked `integration` and are part of the default `make test` run."""
 
@@ -36,14 +36,22 @@ STARTUP_TIMEOUT_S = float(os.environ.get("INTEGRATION_STARTUP_TIMEOUT", "240"))
 # Few steps keep CPU runs short; every request in these tests sets its own steps.
 FAST_STEPS = 4
 
-# The server the tests start: small batch buckets so warm-up (every bucket, every model) stays quick.
-LOCAL_ENV = {
-    "UNET_SERVER_DEVICE": "cpu",
-    "UNET_SERVER_DTYPE": "float32",
-    "UNET_SERVER_MAX_BATCH_ROWS": "16",
-    "UNET_SERVER_BATCH_BUCKETS": "4,8,16",
-    "UNET_SERVER_LOG_LEVEL": "warning",
-}
+# The server the tests start: on CPU (CI) small batch buckets keep warm-up (every bucket, every model)
+# quick; INTEGRATION_DEVICE=cuda starts it on the GPU in fp16 with the default buckets instead.
+if os.environ.get("INTEGRATION_DEVICE", "cpu") == "cuda":
+    LOCAL_ENV = {
+        "UNET_SERVER_DEVICE": "cuda",
+        "UNET_SERVER_DTYPE": "float16",
+        "UNET_SERVER_LOG_LEVEL": "warning",
+    }
+else:
+    LOCAL_ENV = {
+        "UNET_SERVER_DEVICE": "cpu",
+        "UNET_SERVER_DTYPE": "float32",
+        "UNET_SERVER_MAX_BATCH_ROWS": "16",
+        "UNET_SERVER_BATCH_BUCKETS": "4,8,16",
+        "UNET_SERVER_LOG_LEVEL": "warning",
+    }
 
 
 def free_port() -> int:
@@ -73,6 +81,12 @@ class Server:
     log_path: Path | None = None
     process: subprocess.Popen | None = None
     models: dict[str, dict] = field(default_factory=dict)
+    device: str = ""  # as /health/ready reports it, e.g. "cpu" or "cuda:0"
+
+    @property
+    def exact(self) -> bool:
+        """CPU fp32 is bit-exact: the same seed gives the same bytes, alone or batched."""
+        return self.device == "cpu"
 
     def client(self, **kwargs: object) -> httpx.Client:
         timeout = kwargs.pop("timeout", 120)
@@ -112,6 +126,7 @@ def _wait_ready(server: Server, deadline: float) -> None:
             try:
                 r = client.get("/health/ready")
                 if r.status_code == 200:
+                    server.device = r.json().get("device", "")
                     return
                 last = f"{r.status_code} {r.text[:200]}"
             except httpx.TransportError as exc:

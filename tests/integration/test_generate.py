@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -86,9 +87,11 @@ def test_json_for_a_prompt_with_per_image_seeds(server: Server, client: httpx.Cl
     alone = client.post("/generate", json={**body, "seed": 43, "num_images": 1})
     assert alone.status_code == 200, alone.text
     again = decode_png(base64.b64decode(alone.json()["images"][0]))
-    assert again.tobytes() == images[1].tobytes() or server.process is None, (
-        "same seed, same request: different pixels on CPU fp32"
-    )
+    if server.exact:
+        assert again.tobytes() == images[1].tobytes(), "same seed alone vs batched: different pixels on CPU"
+    else:  # GPU: within float tolerance (a few 8-bit levels)
+        diff = np.abs(np.asarray(again, dtype=np.int16) - np.asarray(images[1], dtype=np.int16))
+        assert diff.mean() < 2.0, f"same seed alone vs batched: mean difference {diff.mean():.2f} levels"
 
 
 def test_control_map_as_base64_and_as_upload(server: Server, client: httpx.Client) -> None:
@@ -113,7 +116,7 @@ def test_control_map_as_base64_and_as_upload(server: Server, client: httpx.Clien
     files = {"control_image": ("edges.png", base64.b64decode(body["control_image"]), "image/png")}
     upload = client.post("/generate", data=fields, files=files, headers={"Accept": "image/png"})
     assert upload.status_code == 200, upload.text
-    if server.process is not None:  # CPU fp32 is exact
+    if server.exact:
         assert decode_png(upload.content).tobytes() == controlled.tobytes()
 
     # The control map steers the image: without it (scale 0) the same seed draws something else.
