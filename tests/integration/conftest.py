@@ -82,6 +82,8 @@ class Server:
     process: subprocess.Popen | None = None
     models: dict[str, dict] = field(default_factory=dict)
     device: str = ""  # as /health/ready reports it, e.g. "cpu" or "cuda:0"
+    # (GET /health/live status, GET /health/ready status) seen while waiting for readiness
+    startup_health: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def exact(self) -> bool:
@@ -125,6 +127,7 @@ def _wait_ready(server: Server, deadline: float) -> None:
                 )
             try:
                 r = client.get("/health/ready")
+                server.startup_health.append((client.get("/health/live").status_code, r.status_code))
                 if r.status_code == 200:
                     server.device = r.json().get("device", "")
                     return

@@ -34,6 +34,9 @@ def test_health_and_model_listing(server: Server, client: httpx.Client) -> None:
     ids = [m["id"] for m in listing["data"]]
     if server.process is not None:  # started here on weights/: every shipped model must be served
         assert set(SHIPPED_MODELS) <= set(ids), f"shipped models missing from /v1/models: {ids}"
+        # While loading and warming up, the process was live but not ready (503), then ready.
+        seen = server.startup_health
+        assert (200, 503) in seen and seen[-1] == (200, 200), seen
     for spec in listing["data"]:
         assert spec["defaults"]["num_inference_steps"] >= 1
         assert spec["defaults"]["sampler"] in {
