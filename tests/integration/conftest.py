@@ -162,7 +162,9 @@ def server() -> Iterator[Server]:
     port = free_port()
     log_dir = Path(tempfile.mkdtemp(prefix="unet-server-it-"))
     log_path = log_dir / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNET_SERVER_")}
+    # The server's settings come from LOCAL_ENV alone; the text encoder's folder override passes through.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("UNET_SERVER_") or k == "UNET_SERVER_TEXT_ENCODER_DIR"}
     env.update(LOCAL_ENV, UNET_SERVER_WEIGHTS_DIR=str(WEIGHTS), PYTHONUNBUFFERED="1")
     if api_key:
         env["UNET_SERVER_API_KEY"] = api_key
