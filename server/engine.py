@@ -4,7 +4,9 @@ Requests are submitted from the event loop (``submit`` is cheap: it only admits 
 scheduler, or raises ``QueueFull``); the loop thread prepares a request (prompt encoding, initial noise,
 sampler states) at its first step, so the device is touched by this thread only. New requests join at
 the next step and finished ones leave (step-level continuous batching). Events (started, progress,
-completed, failed, cancelled) go back to the event loop with ``call_soon_threadsafe``; PNG encoding of a
+completed, failed, cancelled) go back to the event loop with ``call_soon_threadsafe``, batched: one call per
+step for all its requests' progress (each call wakes the loop and costs both threads a GIL hand-over); PNG
+encoding of a
 finished request runs in the thread pool, never on the engine thread or the event loop.
 
 A step that raises fails only the requests in that plan (500 with an error id, logged with traceback);
@@ -124,6 +126,12 @@ class Task:
         if event in TERMINAL:
             self._subscribers.clear()
             self._done.set()
+
+
+def _publish_many(events: list[tuple[Task, str, dict[str, Any] | None]]) -> None:
+    """Publish several tasks' events in one event-loop callback (event-loop thread)."""
+    for task, event, data in events:
+        task._publish(event, data)
 
 
 class Engine:
@@ -276,12 +284,15 @@ class Engine:
     def _step(self, plan: Plan) -> None:
         tasks: list[Task] = [e.payload for e in plan.entries]
         now = time.monotonic()
+        started: list[tuple[Task, str, dict[str, Any] | None]] = []
         for task in tasks:
             if task.started is None:
                 task.started = now
                 task.status = "running"
                 self.metrics.queue_wait_seconds.labels(task.request.model).observe(now - task.created)
-                self._call(task._publish, "started", None)
+                started.append((task, "started", None))
+        if started:
+            self._call(_publish_many, started)
         # Prepare newcomers (engine thread: the device is ours); a bad request fails alone.
         ready: list[Task] = []
         for task in tasks:
@@ -317,13 +328,18 @@ class Engine:
             self._gauges()
         finished_set = {e.id for e in finished}
         completing: list[Task] = []
+        # One loop wake-up per step for every request's progress (not one per request): each
+        # call_soon_threadsafe writes the loop's self-pipe, costing both threads a GIL hand-over.
+        progress: list[tuple[Task, str, dict[str, Any] | None]] = []
         for task, d in zip(ready, done, strict=True):
             if task.done:  # cancelled or expired while the step ran: its output is dropped
                 continue
             task.step = task.worker_state.evaluations
-            self._call(task._publish, "progress", task._event_data())
+            progress.append((task, "progress", task._event_data()))
             if d and task.id in finished_set:
                 completing.append(task)
+        if progress:
+            self._call(_publish_many, progress)
         if not completing:
             return
         try:  # one device-to-host copy for every request finishing in this step
@@ -331,9 +347,9 @@ class Engine:
         except Exception:
             self._fault(completing, "reading back images failed")
             return
-        for task, pixels in zip(completing, images, strict=True):
+        for task in completing:
             task.worker_state = None  # free device memory now
-            self._call(self._complete, task, pixels)
+        self._call(self._complete_many, list(zip(completing, images, strict=True)))
 
     def _total_evaluations(self, task: Task) -> int:
         """Denoiser calls the request will take (sampler-specific, e.g. Heun: 2 per step but the last)."""
@@ -370,6 +386,10 @@ class Engine:
         task.finished = time.monotonic()
         task.error_status, task.error_message, task.error_id = status, message, error_id
         task._publish("failed")
+
+    def _complete_many(self, finished: list[tuple[Task, np.ndarray]]) -> None:
+        for task, images in finished:
+            self._complete(task, images)
 
     def _complete(self, task: Task, images: np.ndarray) -> None:
         async def encode() -> None:
