@@ -5,9 +5,8 @@ scheduler, or raises ``QueueFull``); the loop thread prepares a request (prompt 
 sampler states) at its first step, so the device is touched by this thread only. New requests join at
 the next step and finished ones leave (step-level continuous batching). Events (started, progress,
 completed, failed, cancelled) go back to the event loop with ``call_soon_threadsafe``, batched: one call per
-step for all its requests' progress (each call wakes the loop and costs both threads a GIL hand-over); PNG
-encoding of a
-finished request runs in the thread pool, never on the engine thread or the event loop.
+step for all its requests' progress (each call wakes the loop and costs both threads a GIL hand-over);
+PNG encoding of a finished request runs in the thread pool, never on the engine thread or the event loop.
 
 A step that raises fails only the requests in that plan (500 with an error id, logged with traceback);
 cancellation and deadlines remove a request from the scheduler at once, so the next plan never carries it.
