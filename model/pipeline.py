@@ -223,3 +223,41 @@ def load_pipelines(
     for n in metas:
         load(n)
     return {n: loaded[n] for n in wanted}
+
+
+def compile_pipelines(
+    pipelines: dict[str, Pipeline], device: torch.device, shapes_per_module: int = 8
+) -> int:
+    """``torch.compile(mode="default", dynamic=False)`` each distinct U-Net and ControlNet once, in place.
+
+    CUDA only: on any other device this logs why and changes nothing (Inductor on CPU is slow to compile and
+    not what the option is for). Compiling is lazy, per input shape: the worker's warm-up compiles every
+    bucket, and its CUDA-graph capture then records the compiled kernels. A U-Net shared by a base model and
+    its ControlNet folder stays one (compiled) instance, so their rows still batch together. The compiled
+    module forwards attribute access (``config``, ``dtype``, ``parameters()``) to the original.
+    ``shapes_per_module`` raises dynamo's recompile limit to cover every warmed shape. Returns how many
+    modules were compiled.
+    """
+    if device.type != "cuda":
+        log.info("compile: skipped on %s (torch.compile is applied on CUDA only)", device)
+        return 0
+    compiled: dict[int, torch.nn.Module] = {}  # id(original) -> compiled; keeps the originals alive
+
+    def once(module: torch.nn.Module | None) -> Any:
+        if module is None:
+            return None
+        if id(module) not in compiled:
+            compiled[id(module)] = torch.compile(module, mode="default", dynamic=False)
+        return compiled[id(module)]
+
+    for p in pipelines.values():
+        p.unet = p.denoiser.unet = once(p.unet)
+        p.controlnet = p.denoiser.controlnet = once(p.controlnet)
+    # Instances of one class share a code object, hence one dynamo cache: room for all their shapes.
+    import torch._dynamo.config as dynamo_config
+
+    needed = shapes_per_module * len(compiled)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, needed)
+    torch.compiler.set_stance("default")  # a previous server in this process may have left eager_on_recompile
+    log.info("compile: %d modules wrapped with torch.compile; warm-up compiles every bucket", len(compiled))
+    return len(compiled)

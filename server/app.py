@@ -115,7 +115,7 @@ def _load(state: ServerState, text_encoder_loader: Callable[..., Any] | None) ->
     import torch
 
     from model.attention import head_dims, select_backend, set_attention_backend
-    from model.pipeline import load_pipelines
+    from model.pipeline import compile_pipelines, load_pipelines
     from server.worker import Worker
 
     s = state.settings
@@ -151,8 +151,14 @@ def _load(state: ServerState, text_encoder_loader: Callable[..., Any] | None) ->
     state.ctx = ValidationContext(
         models=state.models, check_sampler=_check_sampler, settings=s, check_steps=check_steps
     )
+    compiled = 0  # before warm-up: it compiles every bucket, then the graphs capture the compiled kernels
+    if s.compile:
+        compiled = compile_pipelines(pipelines, device, shapes_per_module=2 * len(s.batch_buckets))
     worker = Worker(pipelines, s.batch_buckets, cuda_graphs=s.cuda_graphs)
     worker.warmup()
+    if compiled:
+        # A shape not warmed (another image size) runs eagerly instead of compiling on the hot path.
+        torch.compiler.set_stance("eager_on_recompile")
     if device.type == "cuda":
         state.metrics.set_gpu_memory_source(lambda: float(torch.cuda.memory_allocated(device)))
     log.info("loaded %s on %s/%s, attention %s", sorted(pipelines), device, dtype, backend)

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     batch_buckets: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [4, 8, 16, 32, 64])
     # On CUDA, run the denoiser through CUDA graphs captured per bucket at warm-up (no effect on CPU).
     cuda_graphs: bool = True
+    # On CUDA, torch.compile each U-Net and ControlNet (mode "default", static shapes) before warm-up; the
+    # warm-up then compiles every bucket (slow start-up), graphs capture the compiled kernels. CPU: ignored.
+    compile: bool = False
     # Requests admitted but not yet started; beyond this a request gets 429.
     max_queue_size: int = Field(256, ge=1)
     # Deadline of a /generate or /v1/images/generations request, from arrival (504 past it).
