@@ -6,23 +6,11 @@ import pytest
 import torch
 
 from model import ControlNet, ControlNetConfig, ControlResiduals, load_controlnet, load_unet, save_pretrained
+from tests.model.helpers import perturb, rel_err
 
 diffusers = pytest.importorskip("diffusers")
 
 TOL = 1e-5
-
-
-def perturb(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Noise on every parameter: the zero convs must carry signal for the comparison to mean anything."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return net.eval()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _pair(tmp_path, **kw):

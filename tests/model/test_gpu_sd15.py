@@ -11,12 +11,9 @@ import pytest
 import torch
 
 from model import load_unet
+from tests.model.helpers import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def _time_ms(fn, iters: int = 10) -> float:

@@ -30,13 +30,7 @@ class WrappedUNet:
         return self.module(x, t).sample
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 cores shared by several test runs: OpenMP spin-waiting with 2 threads makes tiny convs 100× slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -9,23 +9,11 @@ import pytest
 import torch
 
 from model import UNet, UNetConfig, load_unet, save_pretrained
+from tests.model.helpers import perturb, rel_err
 
 diffusers = pytest.importorskip("diffusers")
 
 TOL = 1e-5
-
-
-def perturb(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Add noise to every parameter so zero-initialised ones (and unit norms) matter in the comparison."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return net.eval()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _unet2d(**kw) -> torch.nn.Module:
