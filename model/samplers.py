@@ -247,8 +247,8 @@ class DDIM(Sampler):
         x = _stack(states)
         ratio = _per_row([st.sigmas[st.i + 1] / st.sigmas[st.i] for st in states], x)
         x = denoised + (x - denoised) * ratio  # (N, C, H, W), as `step` per row
-        for j, st in enumerate(states):
-            st.x = x[j : j + 1]
+        for st, row in zip(states, x.split(1), strict=True):
+            st.x = row
             st.i += 1
 
 
@@ -272,8 +272,8 @@ class Euler(Sampler):
         sigma = _per_row([st.sigmas[st.i] for st in states], x)
         dt = _per_row([st.sigmas[st.i + 1] - st.sigmas[st.i] for st in states], x)
         x = x + (x - denoised) / sigma * dt  # (N, C, H, W), as `step` per row
-        for j, st in enumerate(states):
-            st.x = x[j : j + 1]
+        for st, row in zip(states, x.split(1), strict=True):
+            st.x = row
             st.i += 1
 
 
@@ -350,9 +350,8 @@ class DPMPP2M(Sampler):
             old = torch.cat([st.old_denoised for st in states])  # (N, C, H, W)
             d = denoised + (denoised - old) * _per_row([k[2] for k in coefficients], x)
         x = x * a + d * b  # (N, C, H, W), as `step` per row
-        for j, (st, k) in enumerate(zip(states, coefficients, strict=True)):
-            st.x = x[j : j + 1]
-            st.old_denoised, st.h_last = denoised[j : j + 1], k[3]
+        for st, k, row, den in zip(states, coefficients, x.split(1), denoised.split(1), strict=True):
+            st.x, st.old_denoised, st.h_last = row, den, k[3]
             st.i += 1
 
 
@@ -513,8 +512,7 @@ def resolve_sampler_name(name: str) -> tuple[str, str | None]:
     """(stable name, spacing override or None) for a stable name or alias; ValueError if unknown."""
     if not isinstance(name, str) or _norm(name) not in _LOOKUP:
         raise ValueError(
-            f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)} "
-            f"(aliases: {', '.join(_ALIASES)})"
+            f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)} (aliases: {', '.join(_ALIASES)})"
         )
     return _LOOKUP[_norm(name)]
 

@@ -174,20 +174,39 @@ class Worker:
     def step(self, requests: Sequence[RequestState]) -> list[bool]:
         """One denoiser forward pass over every row of ``requests`` (same batch key); advance each sampler.
 
-        Returns per request whether its sampler is done.
+        Returns per request whether its sampler is done. The tensor work does not grow with the number of
+        requests: one gather of every image's sample, one index to lay out the rows (cond rows, then
+        uncond rows, per request), one guidance mix and one clamp for all images, one sampler update per
+        sampler configuration. What remains per request/image is host bookkeeping (σ, indices, flags).
         """
-        xs: list[torch.Tensor] = []
-        sigma_rows: list[float] = []  # σ per row as Python floats: gathered on the host, copied once
+        states = [s for r in requests for s in r.states]
+        inputs = [r.sampler.next_input(s) for r in requests for s in r.states]
+        images = torch.cat([x for x, _ in inputs]) if len(inputs) > 1 else inputs[0][0]  # (N, C, H, W)
+        sigma_img = [float(s) for _, s in inputs]  # (N,)
+        # Row layout: per request its n cond rows then (guided) its n uncond rows. Per image: its cond row,
+        # its uncond row (its cond row when unguided) and its guidance scale (1: exactly the cond row).
+        row_src: list[int] = []
+        cond_row: list[int] = []
+        uncond_row: list[int] = []
+        scale_img: list[float] = []
+        img = 0
         for r in requests:
-            inputs = [r.sampler.next_input(s) for s in r.states]
-            x = torch.cat([i[0] for i in inputs])  # (n, C, H, W)
-            sigma = [float(s) for x_i, s in inputs for _ in range(x_i.shape[0])]  # (n,)
-            if r.guided:
-                x, sigma = torch.cat([x, x]), sigma + sigma  # (2n, C, H, W): cond rows, then uncond rows
-            xs.append(x)
-            sigma_rows += sigma
-        x = torch.cat(xs)  # (B, C, H, W)
+            n, base = r.num_images, len(row_src)
+            own = list(range(img, img + n))
+            row_src += own + own if r.guided else own
+            cond_row += range(base, base + n)
+            uncond_row += range(base + n, base + 2 * n) if r.guided else range(base, base + n)
+            scale_img += [r.guidance_scale if r.guided else 1.0] * n
+            img += n
+        guided = len(row_src) > img
+        sigma_rows = [sigma_img[i] for i in row_src]
         sigma = self._to_device(torch.tensor(sigma_rows, dtype=torch.float64))  # (B,)
+        if guided:
+            index = self._to_device(torch.tensor(row_src + cond_row + uncond_row, dtype=torch.long))
+            rows = len(row_src)
+            x = images.index_select(0, index[:rows])  # (B, C, H, W)
+        else:
+            x = images
         head = requests[0].pipeline
         class_labels = torch.cat([r.class_labels for r in requests]) if head.kind == "class" else None
         context = torch.cat([r.context for r in requests]) if head.kind == "text" else None
@@ -200,35 +219,40 @@ class Worker:
                 [r.control if r.control is not None else zeros.expand(r.rows, -1, -1, -1) for r in requests]
             )  # (B, 1, H, W)
             # Rows without a control map get scale 0: exactly zero residuals.
-            scales = [(r.control_scale if r.control is not None else 0.0) for r in requests]
-            per_row = [v for v, r in zip(scales, requests, strict=True) for _ in range(r.rows)]
+            per_row = [
+                (r.control_scale if r.control is not None else 0.0) for r in requests for _ in range(r.rows)
+            ]
             scale = self._to_device(torch.tensor(per_row, dtype=torch.float32))  # (B,)
             if len(with_control) < len(requests) and self.device.type != "cuda":
                 # CPU: run the ControlNet on the rows with a map only (see _forward). On CUDA the zero scale
                 # alone does it, with static shapes and without boolean indexing's host sync.
-                mask = torch.cat(
-                    [torch.full((r.rows,), r.control is not None, dtype=torch.bool) for r in requests]
-                )  # (B,)
+                mask = torch.tensor([r.control is not None for r in requests for _ in range(r.rows)])  # (B,)
         x0 = self._forward(denoiser, x, sigma, class_labels, context, control, scale, mask)  # (B, C, H, W)
+
+        if guided:  # uncond + g·(cond − uncond) per image; g = 1 rows are exactly their cond row
+            g = self._to_device(torch.tensor(scale_img, dtype=torch.float32))  # (N,)
+            x0 = cfg_combine(
+                x0.index_select(0, index[rows : rows + img]), x0.index_select(0, index[rows + img :]), g
+            )
+        sched = head.schedule  # one U-Net per batch key, so one schedule
+        if sched.clip_sample_range is not None or sched.dynamic_thresholding_ratio is not None:
+            x0 = clamp_x0(x0, sched.clip_sample_range, sched.dynamic_thresholding_ratio)  # (N, C, H, W)
 
         # Samplers of one configuration advance together: one vectorised update per step kind for DDIM,
         # Euler and DPM++ 2M (bitwise the per-request loop on CPU), a loop over states for the others.
-        groups: dict[Hashable, tuple[Any, list[Any], list[torch.Tensor]]] = {}
-        offset = 0
-        for r in requests:
-            n = r.num_images
-            out = x0[offset : offset + r.rows]
-            offset += r.rows
-            if r.guided:
-                out = cfg_combine(out[:n], out[n:], r.guidance_scale)  # (n, C, H, W)
-            sched = r.pipeline.schedule
-            if sched.clip_sample_range is not None or sched.dynamic_thresholding_ratio is not None:
-                out = clamp_x0(out, sched.clip_sample_range, sched.dynamic_thresholding_ratio)
-            _, states, outs = groups.setdefault(r.sampler.batch_key, (r.sampler, [], []))
-            states += r.states
-            outs.append(out)
-        for sampler, states, outs in groups.values():
-            sampler.advance_many(states, torch.cat(outs))  # (N, C, H, W): one x0 row per state
+        groups: dict[Hashable, tuple[Any, list[int]]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.sampler.batch_key, (r.sampler, []))[1].append(i)
+        if len(groups) == 1:
+            requests[0].sampler.advance_many(states, x0)
+        else:
+            first = [0]
+            for r in requests:
+                first.append(first[-1] + r.num_images)
+            for sampler, members in groups.values():
+                picked = [j for i in members for j in range(first[i], first[i + 1])]
+                sel = self._to_device(torch.tensor(picked, dtype=torch.long))
+                sampler.advance_many([states[j] for j in picked], x0.index_select(0, sel))
         done = []
         for r in requests:
             r.evaluations += 1
@@ -379,13 +403,21 @@ class Worker:
                     continue
                 e = self._example(p, b)
                 self._forward(
-                    p.denoiser, e["x"], e["sigma"], e["class_labels"], e["context"], e["control_cond"],
-                    e["control_scale"], None,
+                    p.denoiser,
+                    e["x"],
+                    e["sigma"],
+                    e["class_labels"],
+                    e["context"],
+                    e["control_cond"],
+                    e["control_scale"],
+                    None,
                 )
                 self.warmed.add((key, b))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         log.info(
             "warmed %d (model, bucket) pairs; buckets %s; CUDA graphs %s",
-            len(self.warmed), self.buckets, "on" if self.cuda_graphs else "off",
+            len(self.warmed),
+            self.buckets,
+            "on" if self.cuda_graphs else "off",
         )
