@@ -7,6 +7,9 @@ the next step and finished ones leave (step-level continuous batching). Events (
 completed, failed, cancelled) go back to the event loop with ``call_soon_threadsafe``, batched: one call per
 step for all its requests' progress (each call wakes the loop and costs both threads a GIL hand-over);
 PNG encoding of a finished request runs in the thread pool, never on the engine thread or the event loop.
+On CUDA the engine never waits for the device inside a step: finished images are copied to host memory
+asynchronously and the requests complete when their copy has landed (polled between steps; waited for
+only when there is nothing else to run), and the worker lets the host run at most a couple of steps ahead.
 
 A step that raises fails only the requests in that plan (500 with an error id, logged with traceback);
 cancellation and deadlines remove a request from the scheduler at once, so the next plan never carries it.
@@ -16,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,11 +35,15 @@ from server.imaging import to_pngs
 from server.metrics import Metrics
 from server.scheduler import Plan, QueueFull, Scheduler
 from server.schemas import ResolvedRequest
-from server.worker import Worker
+from server.worker import PendingImages, Worker
 
 log = logging.getLogger(__name__)
 
 TERMINAL = ("completed", "failed", "cancelled")
+# The engine thread shares the GIL with the HTTP event loop. CUDA calls (graph replay, event waits) release
+# it, and a thread that wants it back waits until the holder yields: at the latest after the switch
+# interval (5 ms by default), which under load would stall every step. 0.5 ms keeps those stalls short.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 __all__ = ["Engine", "EngineStopped", "QueueFull", "Task"]
 
@@ -109,11 +117,18 @@ class Task:
             self._subscribers.remove(q)
 
     def _event_data(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"id": self.id, "status": self.status, "step": self.step,
-                                "total_steps": self.total_steps}
+        data: dict[str, Any] = {
+            "id": self.id,
+            "status": self.status,
+            "step": self.step,
+            "total_steps": self.total_steps,
+        }
         if self.status == "failed":
-            data["error"] = {"status_code": self.error_status, "message": self.error_message,
-                             "error_id": self.error_id}
+            data["error"] = {
+                "status_code": self.error_status,
+                "message": self.error_message,
+                "error_id": self.error_id,
+            }
         return data
 
     def _publish(self, event: str, data: dict[str, Any] | None = None) -> None:
@@ -155,6 +170,8 @@ class Engine:
         self._accepting = False
         self._stop = False
         self.steps_run = 0
+        # Read-backs in flight (engine thread only): requests that finished sampling, oldest first.
+        self._reading: deque[tuple[list[Task], PendingImages]] = deque()
         self._forward_ewma = 0.05
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -263,12 +280,14 @@ class Engine:
             pass
 
     def _run(self) -> None:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         while True:
+            self._collect(block=False)
             with self._cond:
-                while not self._stop and len(self.scheduler) == 0:
+                while not self._stop and len(self.scheduler) == 0 and not self._reading:
                     self._cond.wait(0.5)
                 if self._stop:
-                    return
+                    break
                 expired = self.scheduler.expire()
                 plan = self.scheduler.schedule()
                 self._gauges()
@@ -279,6 +298,20 @@ class Engine:
                     self._step(plan)
                 except Exception:  # a bug outside the guarded calls must not kill the device loop
                     self._fault([e.payload for e in plan.entries if not e.payload.done], "engine step failed")
+            elif self._reading:
+                self._collect(block=True)  # nothing to run: wait for the device to finish the read-backs
+        self._collect(block=True)
+
+    def _collect(self, block: bool) -> None:
+        """Complete the requests whose images have reached host memory (all of them when ``block``)."""
+        while self._reading and (block or self._reading[0][1].ready()):
+            tasks, pending = self._reading.popleft()
+            try:
+                images = pending.wait()
+            except Exception:
+                self._fault(tasks, "reading back images failed")
+                continue
+            self._call(self._complete_many, list(zip(tasks, images, strict=True)))
 
     def _step(self, plan: Plan) -> None:
         tasks: list[Task] = [e.payload for e in plan.entries]
@@ -319,8 +352,11 @@ class Engine:
         m.forward_duration_seconds.observe(elapsed)
         m.rows_per_forward.observe(rows)
         m.padded_rows_per_forward.observe(self.worker.bucket_for(rows))
+        per_model: dict[str, int] = {}
         for task in ready:
-            m.model_evaluations_total.labels(task.request.model).inc(task.request.rows)
+            per_model[task.request.model] = per_model.get(task.request.model, 0) + task.request.rows
+        for model, count in per_model.items():
+            m.model_evaluations_total.labels(model).inc(count)
         finished_ids = [t.id for t, d in zip(ready, done, strict=True) if d]
         with self._cond:
             finished = self.scheduler.update(plan, finished_ids)
@@ -341,14 +377,14 @@ class Engine:
             self._call(_publish_many, progress)
         if not completing:
             return
-        try:  # one device-to-host copy for every request finishing in this step
-            images = self.worker.images([t.worker_state for t in completing])
+        try:  # one device-to-host copy for every request finishing in this step, collected when it lands
+            pending = self.worker.read_images([t.worker_state for t in completing])
         except Exception:
             self._fault(completing, "reading back images failed")
             return
         for task in completing:
             task.worker_state = None  # free device memory now
-        self._call(self._complete_many, list(zip(completing, images, strict=True)))
+        self._reading.append((completing, pending))
 
     def _total_evaluations(self, task: Task) -> int:
         """Denoiser calls the request will take (sampler-specific, e.g. Heun: 2 per step but the last)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +57,25 @@ class RequestState:
         return self.num_images * (2 if self.guided else 1)
 
 
+@dataclass(eq=False)
+class PendingImages:
+    """Final images on their way to host memory; ``ready`` polls without blocking, ``wait`` blocks."""
+
+    pixels: torch.Tensor  # (N, H, W, C) uint8 on the host (pinned on CUDA, filled once `event` completes)
+    bounds: list[int]  # request k owns images bounds[k]:bounds[k + 1]
+    event: Any = None  # torch.cuda.Event recorded after the copy; None: already on the host
+
+    def ready(self) -> bool:
+        return self.event is None or bool(self.event.query())
+
+    def wait(self) -> list[np.ndarray]:
+        """uint8 (n, H, W, C) per request."""
+        if self.event is not None:
+            self.event.synchronize()  # releases the GIL while it waits
+        pixels = self.pixels.numpy()
+        return [pixels[a:b] for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True)]
+
+
 class Worker:
     """Runs one packed denoiser forward pass per ``step`` over the rows of many requests."""
 
@@ -66,6 +85,7 @@ class Worker:
         buckets: Sequence[int],
         prompt_cache_size: int = 1024,
         cuda_graphs: bool = True,
+        max_steps_ahead: int = 2,
     ):
         if not pipelines:
             raise ValueError("no pipelines")
@@ -77,6 +97,11 @@ class Worker:
         self._prompt_cache_size = prompt_cache_size
         self.warmed: set[tuple[Hashable, int]] = set()
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        # CUDA: steps are launched without waiting for the device; the host may run this many steps ahead
+        # of it (enough to overlap one step's host work with the previous step's kernels, while a new or
+        # cancelled request still takes effect within a few forward passes).
+        self.max_steps_ahead = max_steps_ahead
+        self._step_events: deque[Any] = deque()
         self._graphs: dict[int, GraphedDenoiser] = {}  # id(denoiser) -> its runner
         # (id(denoiser), per-row x shape, with control) of every structure captured for all buckets
         self._captured: set[tuple[int, tuple[int, ...], bool]] = set()
@@ -253,11 +278,21 @@ class Worker:
                 picked = [j for i in members for j in range(first[i], first[i + 1])]
                 sel = self._to_device(torch.tensor(picked, dtype=torch.long))
                 sampler.advance_many([states[j] for j in picked], x0.index_select(0, sel))
+        if self.device.type == "cuda":
+            self._bound_run_ahead()
         done = []
         for r in requests:
             r.evaluations += 1
             done.append(all(r.sampler.done(s) for s in r.states))
         return done
+
+    def _bound_run_ahead(self) -> None:
+        """Record this step's end; wait (GIL released) for the step ``max_steps_ahead`` back to finish."""
+        event = torch.cuda.Event()
+        event.record()
+        self._step_events.append(event)
+        while len(self._step_events) > self.max_steps_ahead:
+            self._step_events.popleft().synchronize()
 
     def _forward(
         self,
@@ -348,17 +383,24 @@ class Worker:
         return t.pin_memory().to(self.device, non_blocking=True)
 
     @torch.no_grad()
-    def images(self, requests: Sequence[RequestState]) -> list[np.ndarray]:
-        """Final images per request as uint8 (n, H, W, C): round((x + 1) / 2 * 255), clamped.
-
-        The requests share one image shape (one batch key, e.g. those finishing in one step): the results
-        are converted on the device and read back in a single device-to-host copy.
-        """
+    def read_images(self, requests: Sequence[RequestState]) -> PendingImages:
+        """Start reading back the final images of ``requests`` (one image shape, e.g. those finishing in
+        one step): converted to uint8 round((x + 1) / 2 * 255) on the device and copied to pinned host
+        memory in one copy that does not block the host; ``PendingImages.wait`` returns them."""
         x = torch.cat([r.sampler.result(s) for r in requests for s in r.states]).float()  # (N, C, H, W)
-        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        pixels = x.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, C)
-        bounds = np.cumsum([0] + [r.num_images for r in requests])
-        return [pixels[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # (N, H, W, C)
+        bounds = np.cumsum([0] + [r.num_images for r in requests]).tolist()
+        if self.device.type != "cuda":
+            return PendingImages(x.contiguous(), bounds, None)
+        host = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(x, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingImages(host, bounds, event)
+
+    def images(self, requests: Sequence[RequestState]) -> list[np.ndarray]:
+        """Final images per request as uint8 (n, H, W, C), read back now (``read_images`` + ``wait``)."""
+        return self.read_images(requests).wait()
 
     def _example(self, p: Pipeline, rows: int) -> dict[str, Any]:
         """Denoiser inputs of ``rows`` rows at the pipeline's default size (with control if it has one)."""
