@@ -6,7 +6,8 @@ sampler states) at its first step, so the device is touched by this thread only.
 the next step and finished ones leave (step-level continuous batching). Events (started, progress,
 completed, failed, cancelled) go back to the event loop with ``call_soon_threadsafe``, batched: one call per
 step for all its requests' progress (each call wakes the loop and costs both threads a GIL hand-over);
-PNG encoding of a finished request runs in the thread pool, never on the engine thread or the event loop.
+PNG encoding never runs on the engine thread: small results are encoded on the event loop, large ones in
+the thread pool (``INLINE_PNG_MAX_BYTES``).
 On CUDA the engine never waits for the device inside a step: finished images are copied to host memory
 asynchronously and the requests complete when their copy has landed (polled between steps; waited for
 only when there is nothing else to run), and the worker lets the host run at most a couple of steps ahead.
@@ -44,6 +45,9 @@ TERMINAL = ("completed", "failed", "cancelled")
 # it, and a thread that wants it back waits until the holder yields: at the latest after the switch
 # interval (5 ms by default), which under load would stall every step. 0.5 ms keeps those stalls short.
 GIL_SWITCH_INTERVAL_S = 0.0005
+# Results up to this many pixel bytes are PNG-encoded on the event loop (a 32x32 image takes tens of µs,
+# less than the hand-over to a pool thread); larger ones go to the thread pool so the loop stays responsive.
+INLINE_PNG_MAX_BYTES = 64 * 1024
 
 __all__ = ["Engine", "EngineStopped", "QueueFull", "Task"]
 
@@ -431,19 +435,32 @@ class Engine:
             try:
                 pngs = await run_in_threadpool(to_pngs, images)
             except Exception:
-                error_id = uuid.uuid4().hex[:12]
-                log.exception("PNG encoding failed (error_id=%s, request=%s)", error_id, task.id)
-                message = f"internal error while encoding (error id {error_id})"
-                self._fail_on_loop(task, 500, message, error_id)
+                self._encoding_failed(task)
                 return
-            if task.done:
-                return
-            task.pngs = pngs
-            task.status = "completed"
-            task.finished = time.monotonic()
-            self.metrics.images_generated_total.labels(task.request.model).inc(len(pngs))
-            task._publish("completed")
-            if task.is_job:
-                self._trim_jobs()
+            self._completed(task, pngs)
 
-        asyncio.ensure_future(encode())
+        if images.size > INLINE_PNG_MAX_BYTES:
+            asyncio.ensure_future(encode())
+            return
+        try:
+            pngs = to_pngs(images)
+        except Exception:
+            self._encoding_failed(task)
+            return
+        self._completed(task, pngs)
+
+    def _encoding_failed(self, task: Task) -> None:
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("PNG encoding failed (error_id=%s, request=%s)", error_id, task.id)
+        self._fail_on_loop(task, 500, f"internal error while encoding (error id {error_id})", error_id)
+
+    def _completed(self, task: Task, pngs: list[bytes]) -> None:
+        if task.done:
+            return
+        task.pngs = pngs
+        task.status = "completed"
+        task.finished = time.monotonic()
+        self.metrics.images_generated_total.labels(task.request.model).inc(len(pngs))
+        task._publish("completed")
+        if task.is_job:
+            self._trim_jobs()

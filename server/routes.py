@@ -43,7 +43,9 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def require_api_key(request: Request) -> None:
+# Dependencies are `async def` on purpose: FastAPI runs a plain `def` dependency in the thread pool, and
+# that hop (thread hand-over, GIL ping-pong with the engine thread) costs more than the check itself.
+async def require_api_key(request: Request) -> None:
     """Bearer-token check (constant time) when UNET_SERVER_API_KEY is set."""
     key = _state(request).settings.api_key
     if key is None:
@@ -57,7 +59,7 @@ def require_api_key(request: Request) -> None:
         raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def ready_engine(request: Request) -> Engine:
+async def ready_engine(request: Request) -> Engine:
     state = _state(request)
     if not state.ready or state.engine is None:
         raise HTTPException(503, "models are loading; retry shortly", headers={"Retry-After": "5"})
