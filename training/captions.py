@@ -1,12 +1,20 @@
 """Colours, garment names, caption templates and the caption table of the text models.
 
 Every string the GPU run encodes comes from this module (`all_texts`): the pruned text-encoder copy that
-travels to
-the GPU (`export_text_encoder.py`) keeps exactly the vocabulary these strings need.
+travels to the GPU (`export_text_encoder.py`) keeps exactly the vocabulary these strings need.
 
-Training captions combine (class, colour, colour word, garment word, template); the held-out words and
-templates
-below never appear in training and are used only by the evaluation.
+Training captions are the full product (class, colour, colour word, garment word, template): 10 classes ×
+12 colours × 10 colour words × 3 garment words × 6 templates = 21,600 captions, 180 per (class, colour).
+Each colour has 10 training words (issue 5: with 3 per colour the model learned 36 words by heart, and drew
+a held-out word that all-MiniLM-L6-v2 puts near another colour's words in that colour): the canonical name
+first, then common colour names of that class under the RGB palette below — modifiers that keep the class
+("bright", "deep", "light", "vivid"), object, food, gem and material names ("tomato red", "sky blue", "ruby
+red", "chalk white"). Names that sit between two palette colours ("indigo", "magenta", "olive", "tan", …) are
+left out.
+
+The held-out words, garment words and templates below are the evaluation's test set: no training caption
+contains them, and no training colour word contains the distinctive part of a held-out colour word ("aqua",
+"amethyst", …) or shares a MiniLM word piece with it (`tests/training/test_captions.py`).
 """
 
 from __future__ import annotations
@@ -46,21 +54,60 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 }
 COLOUR_NAMES = list(COLOURS)
 
-# Words used in training (first = canonical) and held-out words (evaluation only).
+# Words used in training (first = canonical; the first three are those of the shipped v1 weights) and
+# held-out words (evaluation only). Every colour has the same number of words (the caption table's layout).
+# fmt: off
 COLOUR_WORDS: dict[str, list[str]] = {
-    "red": ["red", "crimson", "scarlet"],
-    "orange": ["orange", "tangerine", "bright orange"],
-    "yellow": ["yellow", "lemon yellow", "golden"],
-    "green": ["green", "emerald", "grass green"],
-    "teal": ["teal", "turquoise", "cyan"],
-    "blue": ["blue", "azure", "cobalt blue"],
-    "dark blue": ["dark blue", "navy", "navy blue"],
-    "purple": ["purple", "violet", "lilac"],
-    "pink": ["pink", "rose", "hot pink"],
-    "brown": ["brown", "chocolate", "coffee brown"],
-    "white": ["white", "snow white", "ivory"],
-    "gray": ["gray", "grey", "silver"],
+    "red": [
+        "red", "crimson", "scarlet", "bright red", "deep red",
+        "tomato red", "blood red", "fire engine red", "ruby red", "strawberry red",
+    ],
+    "orange": [
+        "orange", "tangerine", "bright orange", "deep orange", "carrot orange",
+        "mandarin orange", "citrus orange", "safety orange", "neon orange", "vivid orange",
+    ],
+    "yellow": [
+        "yellow", "lemon yellow", "golden", "bright yellow", "lemon",
+        "banana yellow", "sunflower yellow", "sunny yellow", "sunshine yellow", "vivid yellow",
+    ],
+    "green": [
+        "green", "emerald", "grass green", "bright green", "leaf green",
+        "lime green", "forest green", "apple green", "fern green", "mint green",
+    ],
+    "teal": [
+        "teal", "turquoise", "cyan", "bright teal", "deep teal",
+        "dark cyan", "bright cyan", "light turquoise", "blue-green", "vivid teal",
+    ],
+    "blue": [
+        "blue", "azure", "cobalt blue", "bright blue", "sky blue",
+        "light blue", "electric blue", "french blue", "vivid blue", "clear blue",
+    ],
+    "dark blue": [
+        "dark blue", "navy", "navy blue", "dark navy", "deep navy",
+        "ink blue", "oxford blue", "marine blue", "very dark blue", "deep dark blue",
+    ],
+    "purple": [
+        "purple", "violet", "lilac", "bright purple", "deep purple",
+        "grape", "lavender", "dark violet", "vivid purple", "iris purple",
+    ],
+    "pink": [
+        "pink", "rose", "hot pink", "bright pink", "light pink",
+        "baby pink", "blush pink", "soft pink", "powder pink", "neon pink",
+    ],
+    "brown": [
+        "brown", "chocolate", "coffee brown", "dark brown", "chocolate brown",
+        "cocoa brown", "cinnamon brown", "saddle brown", "leather brown", "earth brown",
+    ],
+    "white": [
+        "white", "snow white", "ivory", "bright white", "pure white",
+        "milk white", "chalk white", "paper white", "cloud white", "cotton white",
+    ],
+    "gray": [
+        "gray", "grey", "silver", "mid gray", "medium grey",
+        "ash gray", "dove grey", "smoke grey", "steel gray", "neutral gray",
+    ],
 }
+# fmt: on
 HELDOUT_COLOUR_WORDS: dict[str, str] = {
     "red": "cherry red",
     "orange": "pumpkin orange",
@@ -119,8 +166,7 @@ def training_captions(small: bool = False) -> tuple[list[str], list[tuple[int, i
     """All training captions and their (class, colour) labels, in a fixed order.
 
     Order: class-major, then colour, then colour word, garment word, template. `small` keeps the first word
-    and
-    template only (the smoke run: 120 captions instead of 6,480).
+    and template only (the smoke run: 120 captions instead of 21,600).
     """
     templates = TEMPLATES[:1] if small else TEMPLATES
     texts, labels = [], []
@@ -132,6 +178,19 @@ def training_captions(small: bool = False) -> tuple[list[str], list[tuple[int, i
                 texts.append(caption(tp, cw, gw))
                 labels.append((k, j))
     return texts, labels
+
+
+def caption_summary(small: bool = False) -> dict:
+    """What `training_captions(small)` is made of, for train.json and the model cards."""
+    texts, _ = training_captions(small=small)
+    pick = (lambda xs: xs[:1]) if small else (lambda xs: xs)
+    return {
+        "num_captions": len(texts),
+        "templates": len(pick(TEMPLATES)),
+        "colour_words_per_colour": len(pick(COLOUR_WORDS[COLOUR_NAMES[0]])),
+        "garment_words_per_class": len(pick(GARMENT_WORDS[0])),
+        "colour_words": {name: pick(words) for name, words in COLOUR_WORDS.items()},
+    }
 
 
 def eval_prompt(class_id: int, colour_id: int, variant: int) -> str:

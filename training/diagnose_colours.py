@@ -14,6 +14,7 @@ and of the colour word's own token states in that caption).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from collections import Counter
@@ -87,8 +88,8 @@ def text_neighbours(text: TextContext, top: int = 3) -> dict[str, dict]:
     """Each held-out colour word's nearest training colour words, by pooled and by word-token cosine."""
     train = [(name, w) for name in COLOUR_NAMES for w in COLOUR_WORDS[name]]
     tp = TEMPLATES[0]
-    pooled_train = _pooled(text, [caption(tp, w, "t-shirt") for _, w in train])  # (36, 384)
-    word_train = torch.stack([_word_states(text, tp, w) for _, w in train])  # (36, 384)
+    pooled_train = _pooled(text, [caption(tp, w, "t-shirt") for _, w in train])  # (W, 384)
+    word_train = torch.stack([_word_states(text, tp, w) for _, w in train])  # (W, 384)
     out = {}
     for name, hw in HELDOUT_COLOUR_WORDS.items():
         p = _pooled(text, [caption(tp, hw, "t-shirt")])[0]
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     text = TextContext(torch.device("cpu"))
     result: dict = {
         "defaults": meta,
+        # which weights this describes: package.py uses the diagnosis only for the fashion-text it measured
+        "train_json_sha256": hashlib.sha256(
+            (weights / "fashion-text" / "train.json").read_bytes()
+        ).hexdigest(),
         "judge_centroids": {
             c: [round(float(v), 3) for v in judge.centroids[j]] for j, c in enumerate(COLOUR_NAMES)
         },

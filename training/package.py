@@ -12,6 +12,7 @@ folders, `training/colour_diagnosis.json`, written by `training/diagnose_colours
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -20,12 +21,8 @@ from pathlib import Path
 from training.captions import (
     CLASS_NAMES,
     COLOUR_NAMES,
-    COLOUR_WORDS,
-    GARMENT_WORDS,
     HELDOUT_COLOUR_WORDS,
     HELDOUT_TEMPLATES,
-    TEMPLATES,
-    training_captions,
 )
 from training.evaluate import GOALS
 from training.loop import log, write_json
@@ -45,10 +42,41 @@ TEXT_ENCODER = {"name": "all-MiniLM-L6-v2", "max_length": 24}
 HERE = Path(__file__).resolve().parent
 NOTES = HERE / "shipped_run.json"  # provenance of the shipped weights' run, in words (no numbers)
 DIAGNOSIS = HERE / "colour_diagnosis.json"  # `python -m training.diagnose_colours --out ...` on weights/
+# The caption vocabulary of runs whose train.json has no "captions" record (`captions.caption_summary`): the
+# shipped v1 weights, trained with 3 colour words per colour.
+V1_CAPTIONS = {
+    "num_captions": 6480,
+    "templates": 6,
+    "colour_words_per_colour": 3,
+    "garment_words_per_class": 3,
+}
 
 
 def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _captions(tr: dict | None) -> dict:
+    """The caption vocabulary a text model was trained with (its train.json, else the v1 vocabulary)."""
+    return (tr or {}).get("captions") or V1_CAPTIONS
+
+
+def _sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def diagnosis_for(folder: Path, diagnosis: dict | None) -> dict | None:
+    """`diagnosis` if it was measured on these fashion-text weights (same train.json), else None.
+
+    The diagnosis and its prose describe one set of weights; after a retrain it is left out of the cards
+    until `training.diagnose_colours` is rerun on the new weights.
+    """
+    if not diagnosis:
+        return None
+    if diagnosis.get("train_json_sha256") != _sha256(folder / "fashion-text" / "train.json"):
+        log(f"package: {DIAGNOSIS.name} was measured on other fashion-text weights; left out of the cards")
+        return None
+    return diagnosis
 
 
 def _pct(x: float | None) -> str:
@@ -196,7 +224,7 @@ def _diagnosis_lines(diag: dict) -> list[str]:
     return lines + [""]
 
 
-def _limitations(name: str, ev: dict | None, diagnosis: dict | None) -> list[str]:
+def _limitations(name: str, tr: dict | None, ev: dict | None, diagnosis: dict | None) -> list[str]:
     lines = ["## Known limitations", ""]
     if not ev:
         return lines + ["- Not evaluated.", ""]
@@ -235,11 +263,11 @@ def _limitations(name: str, ev: dict | None, diagnosis: dict | None) -> list[str
         "",
     ]
     if name == "fashion-text" and diagnosis:
-        lines += _why_colours_fail(ev, diagnosis)
+        lines += _why_colours_fail(tr, ev, diagnosis)
     return lines
 
 
-def _why_colours_fail(ev: dict, diagnosis: dict) -> list[str]:
+def _why_colours_fail(tr: dict | None, ev: dict, diagnosis: dict) -> list[str]:
     cells = diagnosis["cells"]
     seen = [
         c["accuracy"] for k, c in cells.items() if "seen" in k.split(" | ")[1] and "held-out word" not in k
@@ -279,8 +307,8 @@ def _why_colours_fail(ev: dict, diagnosis: dict) -> list[str]:
         "colour names per colour (gem, flower, food and sea names, and colour names with RGB values from a "
         f"colour-name list, mapped to the nearest of the {len(COLOUR_NAMES)} tints or tinted with their own "
         f"RGB), so the model reads a region of the text space instead of "
-        f"{sum(len(w) for w in COLOUR_WORDS.values())} memorised words; (2) a text encoder that knows "
-        "colours "
+        f"{_captions(tr)['colour_words_per_colour'] * len(COLOUR_NAMES)} memorised words; (2) a text encoder "
+        "that knows colours "
         "(e.g. a CLIP text tower) instead of all-MiniLM-L6-v2, whose similarity space is about topics, not "
         "hues. Neither was done for these weights.",
         "",
@@ -328,17 +356,25 @@ def card(
         "32×32, scaled to [-1, 1]. The 10,000-image test split is used only by the evaluation.",
     ]
     if name != "fashion-class":
+        caps = _captions(tr)
         lines += [
             "",
             f"Colourising: each garment is scaled so its brightest pixel is 1 and multiplied by one of "
             f"{len(COLOUR_NAMES)} colours ({', '.join(COLOUR_NAMES)}), drawn per sample per step. Captions: "
-            f"{len(TEMPLATES)} templates × {len(COLOUR_WORDS['red'])} colour words × {len(GARMENT_WORDS[0])} "
-            f"garment words per (class, colour) = {len(training_captions()[0]):,} "
+            f"{caps['templates']} templates × {caps['colour_words_per_colour']} colour words × "
+            f"{caps['garment_words_per_class']} garment words per (class, colour) = {caps['num_captions']:,} "
             "captions "
             '(e.g. "a crimson trainer", "a navy coloured jumper"); 10% replaced by the empty prompt. '
             f"Held out from training: the colour words {', '.join(HELDOUT_COLOUR_WORDS.values())}; their own "
             f"garment words; the templates {', '.join(repr(t) for t in HELDOUT_TEMPLATES)}.",
         ]
+        if "colour_words" in caps:
+            lines += [
+                "",
+                "Training colour words (canonical first): "
+                + "; ".join(f"{c}: {', '.join(ws)}" for c, ws in caps["colour_words"].items())
+                + ".",
+            ]
     if name == "fashion-text-edges":
         lines += [
             "",
@@ -448,7 +484,7 @@ def card(
         "Seeded; the data order and noise are fixed by the seed.",
         "",
     ]
-    lines += _limitations(name, ev, diagnosis)
+    lines += _limitations(name, tr, ev, diagnosis)
     if notes and notes.get(name):
         lines += ["## Provenance (what happened during the run)", "", *notes[name], ""]
     return "\n".join(lines)
@@ -551,7 +587,7 @@ def write_cards(
 ) -> None:
     """Rewrite the cards and README.md of shipped folders from their train.json / eval.json (no run)."""
     notes = load_notes(notes_path)
-    diagnosis = _read(diagnosis_path) if diagnosis_path else None
+    diagnosis = diagnosis_for(folder, _read(diagnosis_path) if diagnosis_path else None)
     evs = {}
     for name in SCRIPTS:
         tr, ev = _read(folder / name / "train.json"), _read(folder / name / "eval.json")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from training import nets
+from training.captions import caption_summary
 from training.data import DeviceData, edges, load_split
 from training.loop import Trainer, add_args, log, seed_all, write_json
 from training.text_states import CaptionTable
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             "backend": control.impl,
             "base_model": "fashion-text",
             "cond_drop": args.cond_drop,
+            "captions": caption_summary(small=args.smoke),
             "control": "thin Sobel edges (NMS), threshold 0.25",
             "smoke": args.smoke,
         }

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from training import nets
-from training.captions import COLOUR_NAMES
+from training.captions import COLOUR_NAMES, caption_summary
 from training.data import DeviceData, load_split, tint, to_model
 from training.loop import Trainer, add_args, log, seed_all, write_json
 from training.text_states import CaptionTable
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             "scheduler": nets.TEXT_SCHEDULER,
             "cond_drop": args.cond_drop,
             "num_captions": len(table.texts),
+            "captions": caption_summary(small=args.smoke),
             "objective": "rectified flow, velocity (eps - x0), t ~ 0.7 logit-normal(0,1) + 0.3 uniform",
             "smoke": args.smoke,
         }

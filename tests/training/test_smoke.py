@@ -68,6 +68,7 @@ def test_smoke_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert (w / "fashion-classifier" / "model.safetensors").is_file()
     table = (w / "README.md").read_text()
     assert all(n in table for n in ("fashion-class", "fashion-text", "fashion-text-edges"))
+    assert json.loads((w / "fashion-text" / "train.json").read_text())["captions"]["num_captions"] == 120
 
     # The shipped folders load through the server's loader (fp16 on disk -> fp32 models).
     from model.pipeline import load_pipelines
