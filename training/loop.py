@@ -156,7 +156,14 @@ class Trainer:
             "history": self.history,
             "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
             "torch": torch.__version__,
+            **_gpu_shared(),
         }
+
+
+def _gpu_shared() -> dict:
+    """{"gpu_shared": bool} when run_all.sh says whether another training process shares the GPU."""
+    env = os.environ.get("TRAINING_GPU_SHARED")
+    return {"gpu_shared": env == "1"} if env in ("0", "1") else {}
 
 
 def write_json(path: str | Path, obj: dict) -> None:

@@ -42,6 +42,7 @@ TEXT_ENCODER = {"name": "all-MiniLM-L6-v2", "max_length": 24}
 HERE = Path(__file__).resolve().parent
 NOTES = HERE / "shipped_run.json"  # provenance of the shipped weights' run, in words (no numbers)
 DIAGNOSIS = HERE / "colour_diagnosis.json"  # `python -m training.diagnose_colours --out ...` on weights/
+MODELS = ("fashion-class", "fashion-text", "fashion-text-edges", "fashion-classifier")
 # The caption vocabulary of runs whose train.json has no "captions" record (`captions.caption_summary`): the
 # shipped v1 weights, trained with 3 colour words per colour.
 V1_CAPTIONS = {
@@ -129,7 +130,12 @@ def _recipe_lines(tr: dict) -> list[str]:
         f"of training steps + {tr['seconds_total'] - tr['seconds_training']:.0f} s of torch.compile and "
         "start-up; "
         f"{tr['steps_per_s']:.1f} steps/s = {tr['images_per_s']:.0f} images/s (torch.compile: "
-        f"{tr['compiled']}; torch {tr['torch']}; shared the GPU with a second training process)",
+        f"{tr['compiled']}; torch {tr['torch']}; "
+        + (
+            "shared the GPU with a second training process)"
+            if tr.get("gpu_shared", True)
+            else "the only training process on the GPU)"
+        ),
         f"- final training loss (mean of the last log interval): "
         f"{_num(tr.get('final_loss'), '{:.4f}')}; seed {tr['seed']}",
     ]
@@ -490,10 +496,18 @@ def card(
     return "\n".join(lines)
 
 
-def package(run: Path, out: Path) -> None:
+def package(run: Path, out: Path, models: tuple[str, ...] | list[str] = MODELS) -> None:
+    """Shipped folders for `models` (default: all four) from the run; a model without train.json is
+    skipped, and the judge (`fashion-classifier`) is packaged only when asked for (a text-only run evaluates
+    with the shipped judge, which it did not train)."""
     out.mkdir(parents=True, exist_ok=True)
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        raise ValueError(f"unknown models {sorted(unknown)}; known: {MODELS}")
     evs = {}
     for name, kind in (("fashion-class", "class"), ("fashion-text", "text"), ("fashion-text-edges", "text")):
+        if name not in models:
+            continue
         src = run / name
         tr, ev = _read(src / "train.json"), _read(src / "eval.json")
         evs[name] = (tr, ev)
@@ -514,7 +528,7 @@ def package(run: Path, out: Path) -> None:
             "control": {"type": "edges", "channels": 1} if control else None,
             "image_channels": 1 if kind == "class" else 3,
             "sample_size": 32,
-            "defaults": _defaults(name, ev, evs.get("fashion-text", (None, None))[1] if control else None),
+            "defaults": _defaults(name, ev, _read(run / "fashion-text" / "eval.json") if control else None),
         }
         if kind == "text":
             meta["colours"] = COLOUR_NAMES
@@ -551,7 +565,7 @@ def package(run: Path, out: Path) -> None:
             shutil.copy(src / "grid.png", dst / "grid.png")
         (dst / "README.md").write_text(card(name, tr, ev, meta))
     cdir = run / "classifier"
-    if (cdir / "model.safetensors").exists():
+    if "fashion-classifier" in models and (cdir / "model.safetensors").exists():
         dst = out / "fashion-classifier"
         if dst.exists():
             shutil.rmtree(dst)
@@ -603,6 +617,20 @@ def write_cards(
     write_readme(folder, evs, notes, diagnosis)
 
 
+def _sharing(evs: dict) -> str:
+    """Whether the models' training processes shared the GPU (train.json "gpu_shared"; absent: shared)."""
+    shared = [n for n, (tr, _) in evs.items() if tr and tr.get("gpu_shared", True)]
+    alone = [n for n, (tr, _) in evs.items() if tr and not tr.get("gpu_shared", True)]
+    if not alone:
+        return "two processes shared the GPU."
+    if not shared:
+        return "one training process had the GPU to itself."
+    return (
+        f"{', '.join(shared)}: two processes shared the GPU; {', '.join(alone)}: one process had it to "
+        "itself."
+    )
+
+
 def write_readme(out: Path, evs: dict, notes: dict | None = None, diagnosis: dict | None = None) -> None:
     lines = [
         "# Shipped weights",
@@ -645,6 +673,13 @@ def write_readme(out: Path, evs: dict, notes: dict | None = None, diagnosis: dic
             f"| {tr['steps']} steps of batch {tr['batch']}, {tr['device']} "
             f"| {tr['seconds_total']:.0f} s + {_num(ev.get('eval_seconds'), '{:.0f}')} s on {gpu} |"
         )
+    if set(evs) != set(SCRIPTS):
+        lines += [
+            "",
+            f"This folder holds only {', '.join(evs)} (a partial run, e.g. `run_all.sh --text-only`). Unpack "
+            "them into `weights/` next to the other models and run `python -m training.package --cards "
+            "weights` for the full table.",
+        ]
     ref = next((ev["reference"] for _, ev in evs.values() if ev), None)
     if ref:
         lines += [
@@ -658,8 +693,8 @@ def write_readme(out: Path, evs: dict, notes: dict | None = None, diagnosis: dic
             "brackets is as many "
             "real training images against the same test set. Goals: "
             + "; ".join(f"{n}: " + ", ".join(f"{k} ≥ {v}" for k, v in g.items()) for n, g in GOALS.items())
-            + ". Training time is the wall time of the training process (torch.compile included); two "
-            "processes shared the GPU.",
+            + ". Training time is the wall time of the training process (torch.compile included); "
+            + _sharing(evs),
         ]
     missed = [
         f"{n} {k} {_pct(ev['final'][k])} (held-out prompts {_pct(ev['final'].get(k + '_heldout_prompts'))})"
@@ -705,6 +740,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run", help="a training run folder (with --out)")
     ap.add_argument("--out", help="where the shipped folders go")
     ap.add_argument("--cards", help="rewrite the cards of these shipped folders (e.g. weights) in place")
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        choices=MODELS,
+        help="what to package from the run (default: all; a text-only run: fashion-text fashion-text-edges)",
+    )
     args = ap.parse_args(argv)
     if args.cards:
         write_cards(Path(args.cards))
@@ -712,7 +754,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not (args.run and args.out):
         ap.error("--run and --out, or --cards")
-    package(Path(args.run), Path(args.out))
+    package(Path(args.run), Path(args.out), args.models)
     log(f"packaged into {args.out}")
 
 

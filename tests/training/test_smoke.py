@@ -70,6 +70,14 @@ def test_smoke_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert all(n in table for n in ("fashion-class", "fashion-text", "fashion-text-edges"))
     assert json.loads((w / "fashion-text" / "train.json").read_text())["captions"]["num_captions"] == 120
 
+    # What `run_all.sh --text-only` packages: the two text models only (it evaluates with the shipped judge,
+    # so neither fashion-class nor fashion-classifier comes out of it).
+    text_only = ["--models", "fashion-text", "fashion-text-edges"]
+    package.main(["--run", str(run), "--out", str(run / "text-weights"), *text_only])
+    names = sorted(p.name for p in (run / "text-weights").iterdir())
+    assert names == ["README.md", "fashion-text", "fashion-text-edges"]
+    assert "fashion-class |" not in (run / "text-weights" / "README.md").read_text()
+
     # The shipped folders load through the server's loader (fp16 on disk -> fp32 models).
     from model.pipeline import load_pipelines
 
