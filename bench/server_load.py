@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -31,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -173,10 +175,11 @@ class Recorder:
         self.latencies: list[float] = []
         self.errors: dict[str, int] = {}
         self.first_send = None
+        self.client_cpu: list[float] = []  # CPU seconds per second of load, per client process
         self.last_done = None
 
     async def one(self, client, url: str, body: dict) -> None:
-        t0 = time.perf_counter()
+        t0 = time.monotonic()  # one clock for every client process (CLOCK_MONOTONIC is system-wide)
         self.first_send = t0 if self.first_send is None else min(self.first_send, t0)
         try:
             r = await client.post(url + "/generate", json=body, headers={"accept": "image/png"})
@@ -184,7 +187,7 @@ class Recorder:
             key = None if ok else str(r.status_code)
         except Exception as e:  # noqa: BLE001
             key = type(e).__name__
-        t1 = time.perf_counter()
+        t1 = time.monotonic()
         if key is None:
             self.latencies.append(t1 - t0)
             self.last_done = t1 if self.last_done is None else max(self.last_done, t1)
@@ -196,6 +199,7 @@ class Recorder:
         n = len(lat)
         span = (self.last_done - self.first_send) if n and self.last_done else float("nan")
         return {
+            "client_cpu_pct": 100.0 * max(self.client_cpu) if self.client_cpu else None,
             "ok": n,
             "errors": ",".join(f"{k}:{v}" for k, v in self.errors.items()) or None,
             "img_s": n * images_per_request / span if n else 0.0,
@@ -268,14 +272,101 @@ async def closed_loop(
     clients: Clients, url: str, bodies: Bodies, concurrency: int, duration: float
 ) -> Recorder:
     rec = Recorder()
-    deadline = time.perf_counter() + duration
+    deadline = time.monotonic() + duration
+    cpu0 = time.process_time()
 
     async def worker(i: int):
         client = clients.for_worker(i)
-        while time.perf_counter() < deadline:
+        while time.monotonic() < deadline:
             await rec.one(client, url, bodies())
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    rec.client_cpu = [(time.process_time() - cpu0) / duration]
+    return rec
+
+
+# Closed-loop clients per load-generator process. One asyncio process driving 64 httpx clients at a few
+# hundred requests/s spends most of a core in httpx, and then the client, not the server, sets the pace
+# (fewer requests in flight than clients). The column `client_cpu_pct` (busiest client process) shows it.
+CLIENTS_PER_PROC = 16
+
+
+def _closed_proc(
+    url: str,
+    steps: int,
+    guidance: float,
+    model: str,
+    first: int,
+    workers: int,
+    start_at: float,
+    duration: float,
+    timeout: float,
+) -> dict[str, Any]:
+    """One load-generator process: ``workers`` closed-loop clients from ``start_at`` (time.monotonic)."""
+
+    async def run() -> dict[str, Any]:
+        clients = Clients(timeout)
+        bodies = Bodies(argparse.Namespace(steps=steps, guidance=guidance), model)
+        bodies.i = first
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        rec = await closed_loop(clients, url, bodies, workers, duration)
+        await clients.aclose()
+        return {
+            "latencies": rec.latencies,
+            "errors": rec.errors,
+            "first": rec.first_send,
+            "last": rec.last_done,
+            "cpu": rec.client_cpu,
+        }
+
+    return asyncio.run(run())
+
+
+def _started(_: int) -> None:
+    time.sleep(0.5)  # long enough that every worker process gets one
+
+
+def start_pool(procs: int) -> ProcessPoolExecutor:
+    """Load-generator processes, spawned (and their imports done) before any measurement."""
+    pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
+    list(pool.map(_started, range(procs)))
+    return pool
+
+
+async def closed_loop_procs(
+    pool, url: str, bodies: Bodies, concurrency: int, duration: float, timeout: float
+) -> Recorder:
+    """``closed_loop`` spread over ceil(concurrency / CLIENTS_PER_PROC) processes, started together."""
+    procs = -(-concurrency // CLIENTS_PER_PROC)
+    shares = [concurrency // procs + (1 if k < concurrency % procs else 0) for k in range(procs)]
+    start_at = time.monotonic() + 1.0
+    loop = asyncio.get_running_loop()
+    futures = [
+        loop.run_in_executor(
+            pool,
+            _closed_proc,
+            url,
+            bodies.args.steps,
+            bodies.args.guidance,
+            bodies.model,
+            bodies.i + 1_000_000 * (k + 1),
+            n,
+            start_at,
+            duration,
+            timeout,
+        )
+        for k, n in enumerate(shares)
+    ]
+    rec = Recorder()
+    for part in await asyncio.gather(*futures):
+        rec.latencies += part["latencies"]
+        for key, v in part["errors"].items():
+            rec.errors[key] = rec.errors.get(key, 0) + v
+        if part["first"] is not None:
+            rec.first_send = part["first"] if rec.first_send is None else min(rec.first_send, part["first"])
+        if part["last"] is not None:
+            rec.last_done = part["last"] if rec.last_done is None else max(rec.last_done, part["last"])
+        rec.client_cpu += part["cpu"]
     return rec
 
 
@@ -325,6 +416,7 @@ async def run_server(
     info["command"] = "python " + " ".join(server.cmd[1:])
     print(f"  [{label}] {info['command']}", flush=True)
     load = Clients(args.request_timeout)
+    pool: ProcessPoolExecutor | None = None
     try:
         async with httpx.AsyncClient(timeout=args.request_timeout) as client:  # readiness and /metrics
             info["start_to_ready_s"] = await server.wait_ready(client, args.ready_timeout)
@@ -337,7 +429,12 @@ async def run_server(
                 if budget.exhausted():
                     rows.append({"server": label, "point": f"closed {c}", "errors": "skipped (budget)"})
                     continue
-                coro = closed_loop(load, server.url, bodies, c, args.duration)
+                if c > CLIENTS_PER_PROC:
+                    if pool is None:
+                        pool = start_pool(-(-max(args.clients) // CLIENTS_PER_PROC))
+                    coro = closed_loop_procs(pool, server.url, bodies, c, args.duration, args.request_timeout)
+                else:
+                    coro = closed_loop(load, server.url, bodies, c, args.duration)
                 rows.append({"server": label, **await measure_point(client, server, f"closed {c}", coro)})
             if open_rates is not None:
                 sat = max((r.get("img_s", 0.0) for r in rows), default=0.0)
@@ -356,6 +453,8 @@ async def run_server(
         print(f"  [{label}] FAILED: {info['error']}\n{server.tail()}", flush=True)
     finally:
         await load.aclose()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         server.stop()
     return rows, info
 
@@ -432,6 +531,7 @@ COLUMNS = [
     "forwards",
     "ok",
     "errors",
+    "client_cpu_pct",
 ]
 
 
