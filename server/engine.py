@@ -5,7 +5,7 @@ scheduler, or raises ``QueueFull``); the loop thread prepares a request (prompt 
 sampler states) at its first step, so the device is touched by this thread only. New requests join at
 the next step and finished ones leave (step-level continuous batching). Events (started, progress,
 completed, failed, cancelled) go back to the event loop with ``call_soon_threadsafe``, batched: one call per
-step for all its requests' progress (each call wakes the loop and costs both threads a GIL hand-over);
+step for all its jobs' progress (each call wakes the loop and costs both threads a GIL hand-over);
 PNG encoding never runs on the engine thread: small results are encoded on the event loop, large ones in
 the thread pool (``INLINE_PNG_MAX_BYTES``).
 On CUDA the engine never waits for the device inside a step: finished images are copied to host memory
@@ -367,14 +367,16 @@ class Engine:
             self._gauges()
         finished_set = {e.id for e in finished}
         completing: list[Task] = []
-        # One loop wake-up per step for every request's progress (not one per request): each
-        # call_soon_threadsafe writes the loop's self-pipe, costing both threads a GIL hand-over.
+        # One loop wake-up per step for every job's progress (not one per request): each
+        # call_soon_threadsafe writes the loop's self-pipe, costing both threads a GIL hand-over. Only jobs
+        # can be watched (SSE); a /generate request's progress has no reader, so it is not published.
         progress: list[tuple[Task, str, dict[str, Any] | None]] = []
         for task, d in zip(ready, done, strict=True):
             if task.done:  # cancelled or expired while the step ran: its output is dropped
                 continue
             task.step = task.worker_state.evaluations
-            progress.append((task, "progress", task._event_data()))
+            if task.is_job:
+                progress.append((task, "progress", task._event_data()))
             if d and task.id in finished_set:
                 completing.append(task)
         if progress:
