@@ -308,14 +308,18 @@ class Engine:
 
     def _collect(self, block: bool) -> None:
         """Complete the requests whose images have reached host memory (all of them when ``block``)."""
-        while self._reading and (block or self._reading[0][1].ready()):
-            tasks, pending = self._reading.popleft()
-            try:
-                images = pending.wait()
+        while self._reading:
+            tasks, pending = self._reading[0]
+            try:  # ready() and wait() are where asynchronous device errors surface on CUDA
+                if not (block or pending.ready()):
+                    return
+                finished = list(zip(tasks, pending.wait(), strict=True))
             except Exception:
+                self._reading.popleft()
                 self._fault(tasks, "reading back images failed")
                 continue
-            self._call(self._complete_many, list(zip(tasks, images, strict=True)))
+            self._reading.popleft()
+            self._call(self._complete_many, finished)
 
     def _step(self, plan: Plan) -> None:
         tasks: list[Task] = [e.payload for e in plan.entries]

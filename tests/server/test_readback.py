@@ -339,12 +339,6 @@ def test_failed_read_back_is_a_500_with_error_id_over_http(weights_dir: Path) ->
         server.stop()
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: PendingImages.ready() is called outside any try in Engine._collect, so an error it "
-    "raises (on CUDA, event.query() surfaces asynchronous device errors) kills the engine thread",
-)
 def test_read_back_whose_ready_raises_fails_its_requests(pipelines: dict[str, Any]) -> None:
     tasks: list[Task] = []
 
