@@ -132,6 +132,16 @@ async def _generate_body(request: Request, state: ServerState) -> tuple[Generate
         raise _body_errors(exc) from None
 
 
+async def _resolve(body: GenerateRequest, state: ServerState, control: bytes | None) -> ResolvedRequest:
+    """``resolve_generate``: in the thread pool when there is a control image to decode (CPU-bound), else
+    inline — a pool hop costs more than checking a few fields, and under load it is GIL time the engine
+    thread waits for."""
+    assert state.ctx is not None
+    if control is None and body.control_image is None:
+        return resolve_generate(body, state.ctx, None)
+    return await run_in_threadpool(resolve_generate, body, state.ctx, control)
+
+
 async def _submit(
     request: Request, engine: Engine, resolved: ResolvedRequest, endpoint: str, timeout: float, is_job: bool
 ) -> Task:
@@ -257,8 +267,7 @@ async def generate(request: Request, engine: Engine = Depends(ready_engine)) -> 
     """Generate images; waits for the result. A client that disconnects cancels its request."""
     state = _state(request)
     body, control = await _generate_body(request, state)
-    assert state.ctx is not None
-    resolved = await run_in_threadpool(resolve_generate, body, state.ctx, control)
+    resolved = await _resolve(body, state, control)
     timeout = state.settings.request_timeout_seconds
     task = await _submit(request, engine, resolved, "generate", timeout, is_job=False)
     await _wait(request, engine, task, timeout + 30.0)
@@ -322,8 +331,7 @@ async def create_job(request: Request, engine: Engine = Depends(ready_engine)) -
     """Queue a generation; poll GET /v1/jobs/{id} or stream GET /v1/jobs/{id}/events."""
     state = _state(request)
     body, control = await _generate_body(request, state)
-    assert state.ctx is not None
-    resolved = await run_in_threadpool(resolve_generate, body, state.ctx, control)
+    resolved = await _resolve(body, state, control)
     task = await _submit(request, engine, resolved, "jobs", state.settings.job_timeout_seconds, is_job=True)
     info = _job_info(task, engine)
     return JSONResponse(info.model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{task.id}"})
