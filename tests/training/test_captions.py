@@ -131,7 +131,7 @@ def test_no_training_caption_uses_a_heldout_template(training_texts: list[str]) 
 def test_caption_table_layout(training_texts: list[str]) -> None:
     texts, labels = C.training_captions()
     n_words = len(C.COLOUR_WORDS["red"])
-    per_pair = n_words * len(C.GARMENT_WORDS[0]) * len(C.TEMPLATES)
+    per_pair = n_words * len(C.GARMENT_WORDS[0]) * len(C.TEMPLATES) + C.XKCD_PER_PAIR
     assert len(texts) == 10 * len(C.COLOUR_NAMES) * per_pair <= 25_000
     # CaptionTable indexes caption (class k, colour j, variant v) as (k * K + j) * per_pair + v
     assert all(lab == divmod(i // per_pair, len(C.COLOUR_NAMES)) for i, lab in enumerate(labels))
@@ -163,3 +163,27 @@ def test_no_heldout_word_piece_in_training_captions(training_texts: list[str]) -
     clash = {d: [p for p in pieces if p in used] for d, pieces in held.items()}
     assert not any(clash.values()), f"held-out word pieces in training captions: {clash}"
     assert held_pieces and tok.unk_token not in used
+
+
+def test_xkcd_names() -> None:
+    """XKCD names: none contains a held-out part, none is a canonical word, every colour has some, each name
+    is the colour the judge's feature calls its RGB; captions name the (class, colour) they are labelled."""
+    names = C.xkcd_colour_names()
+    assert list(names) == C.COLOUR_NAMES
+    every = [w for ws in names.values() for w in ws]
+    assert len(every) == len(set(every)) and 150 <= len(every) <= 400
+    canonical = {w for ws in C.COLOUR_WORDS.values() for w in ws}
+    assert not set(every) & canonical
+    assert all(not any(d in w for d in [*DISTINCTIVE, "bubble", "kelley"]) for w in every)
+    assert all(len(ws) >= C.XKCD_MIN_NAMES for ws in names.values())
+    assert all(len(w.split()) <= 3 and w.isascii() for w in every)
+    assert C.xkcd_class((0.0, 0.5, 0.5))[0] == "teal" and C.xkcd_class((1.0, 0.98, 0.96))[0] == "white"
+    texts, labels = C.training_captions()
+    per_pair = len(texts) // (10 * len(C.COLOUR_NAMES))
+    for k in range(10):
+        for j, colour in enumerate(C.COLOUR_NAMES):
+            block = texts[(k * len(C.COLOUR_NAMES) + j + 1) * per_pair - C.XKCD_PER_PAIR :][: C.XKCD_PER_PAIR]
+            assert all(any(w in t for w in names[colour]) for t in block), (k, colour)
+            assert all(any(g in t for g in C.GARMENT_WORDS[k]) for t in block), (k, colour)
+    assert C.caption_summary()["xkcd_colour_names"] == len(every)
+    assert C.training_captions() == (texts, labels)  # deterministic
