@@ -5,8 +5,9 @@
 
 Writes <out>/{fashion-class, fashion-text, fashion-text-edges, fashion-classifier}/ and <out>/README.md. Every
 number in the cards and the table comes from the run's train.json / eval.json files (and, for the shipped
-folders, `training/colour_diagnosis.json`, written by `training/diagnose_colours.py`). `--cards` also adds
-`training/shipped_run.json`: what happened during the run that made the shipped weights, in words.
+folders, `training/colour_diagnosis.json` and `training/colour_vocab_effect.json`, both written by
+`training/diagnose_colours.py`). `--cards` also adds `training/shipped_run.json`: what happened during the
+runs that made the shipped weights, in words.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import argparse
 import hashlib
 import json
 import math
+import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 from training.captions import (
     CLASS_NAMES,
     COLOUR_NAMES,
+    COLOUR_WORDS,
     HELDOUT_COLOUR_WORDS,
     HELDOUT_TEMPLATES,
 )
@@ -42,6 +46,8 @@ TEXT_ENCODER = {"name": "all-MiniLM-L6-v2", "max_length": 24}
 HERE = Path(__file__).resolve().parent
 NOTES = HERE / "shipped_run.json"  # provenance of the shipped weights' run, in words (no numbers)
 DIAGNOSIS = HERE / "colour_diagnosis.json"  # `python -m training.diagnose_colours --out ...` on weights/
+# `python -m training.diagnose_colours --compare-old <v1 weights> --out ...`: added colour words, v1 vs now
+VOCAB_EFFECT = HERE / "colour_vocab_effect.json"
 MODELS = ("fashion-class", "fashion-text", "fashion-text-edges", "fashion-classifier")
 # The caption vocabulary of runs whose train.json has no "captions" record (`captions.caption_summary`): the
 # shipped v1 weights, trained with 3 colour words per colour.
@@ -78,6 +84,16 @@ def diagnosis_for(folder: Path, diagnosis: dict | None) -> dict | None:
         log(f"package: {DIAGNOSIS.name} was measured on other fashion-text weights; left out of the cards")
         return None
     return diagnosis
+
+
+def vocab_effect_for(folder: Path, effect: dict | None) -> dict | None:
+    """`effect` (colour_vocab_effect.json) if its new model is these fashion-text weights, else None."""
+    if not effect:
+        return None
+    if effect["models"]["new"].get("train_json_sha256") != _sha256(folder / "fashion-text" / "train.json"):
+        log(f"package: {VOCAB_EFFECT.name} was measured on other fashion-text weights; left out of the cards")
+        return None
+    return effect
 
 
 def _pct(x: float | None) -> str:
@@ -273,18 +289,71 @@ def _limitations(name: str, tr: dict | None, ev: dict | None, diagnosis: dict | 
     return lines
 
 
+_HELDOUT_FORMS = ("held-out word, seen template", "heldout_eval_1", "heldout_eval_3")
+# How the diagnosed held-out words look in the samples of the weights that colour_diagnosis.json measured
+# (written by looking at the samples and the numbers next to this text; revise with the diagnosis).
+_DRAWN_AS = {
+    "aqua": "a pale, grayish light blue (hue between teal and blue, nearer blue), at times a stronger blue",
+    "amethyst": "pale, washed-out pink, lilac or gray close to white, now and then teal or blue",
+    "chestnut": "no one colour: ochre and orange browns lighter and yellower than the palette's brown, dark "
+    "olive, green, now and then blue",
+    "pearl white": "off-white with a cream (yellow) tint",
+}
+
+
+def _contains_own_word(colour: str, word: str) -> bool:
+    """Whether a held-out colour word contains one of its own colour's training words ("cherry red")."""
+    return any(re.search(rf"\b{re.escape(w)}\b", word) for w in COLOUR_WORDS[colour])
+
+
+def _heldout_rows(diagnosis: dict) -> dict[str, dict]:
+    """Per diagnosed colour: its held-out word's rows (seen template + the evaluation's two) summed."""
+    out: dict[str, dict] = {}
+    for key, c in diagnosis["cells"].items():
+        colour, form = key.split(" | ")
+        if form not in _HELDOUT_FORMS:
+            continue
+        row = out.setdefault(colour, {"n": 0, "right": 0, "judged_as": Counter(), "hues": []})
+        row["n"] += c["n"]
+        row["right"] += round(c["accuracy"] * c["n"])
+        row["judged_as"].update(c["judged_as"])
+        if not math.isnan(c["median_hue_deg"]):
+            row["hues"].append(c["median_hue_deg"])
+    return out
+
+
+def _hue_range(hues: list[float]) -> str:
+    if not hues:
+        return "no hue (gray or white)"
+    lo, hi = min(hues), max(hues)
+    return f"median hue {lo:.0f}°" if round(lo) == round(hi) else f"median hue {lo:.0f}–{hi:.0f}°"
+
+
 def _why_colours_fail(tr: dict | None, ev: dict, diagnosis: dict) -> list[str]:
     cells = diagnosis["cells"]
+    f = ev["final"]
     seen = [
         c["accuracy"] for k, c in cells.items() if "seen" in k.split(" | ")[1] and "held-out word" not in k
     ]
-    worst: dict[str, float] = {}
-    for k, c in cells.items():
-        if "held-out word" in k or "heldout_eval" in k:
-            colour = k.split(" | ")[0]
-            worst[colour] = min(worst.get(colour, 1.0), c["accuracy"])
     seen_range = _pct(min(seen)) if min(seen) == max(seen) else f"{_pct(min(seen))}–{_pct(max(seen))}"
-    return [
+    hues = diagnosis["asked_hue_deg"]
+    words = []
+    for colour, row in _heldout_rows(diagnosis).items():
+        word = HELDOUT_COLOUR_WORDS[colour]
+        judged = ", ".join(f"{k} {v}" for k, v in row["judged_as"].most_common())
+        asked = (
+            f"{colour} has no hue" if math.isnan(hues[colour]) else f"against {colour}'s {hues[colour]:.0f}°"
+        )
+        drawn = f"drawn as {_DRAWN_AS[word]}; " if word in _DRAWN_AS else ""
+        words.append(
+            f"- '{word}' ({colour}): {drawn}judged {colour} in {row['right']} of {row['n']} "
+            f"(judged as: {judged}); {_hue_range(row['hues'])} ({asked})."
+        )
+    per_colour = f.get("per_colour_accuracy", {})
+    own = [c for c in COLOUR_NAMES if _contains_own_word(c, HELDOUT_COLOUR_WORDS[c]) and c in per_colour]
+    rest = [c for c in COLOUR_NAMES if c not in own and c in per_colour]
+    own_acc = [per_colour[c] for c in own]
+    lines = [
         "### Why colours fail — the model, not the judge",
         "",
         "Every prompt form that uses a training colour word is drawn in the asked colour "
@@ -292,33 +361,131 @@ def _why_colours_fail(tr: dict | None, ev: dict, diagnosis: dict) -> list[str]:
         "templates and garment words), and the colour judge's centroids are measured on images tinted by the "
         "same `data.tint` the training used (it classifies "
         f"{_pct(ev['reference']['colour_judge_accuracy_real_tinted'])} of real tinted test images "
-        "correctly). "
-        "The misses come only from held-out colour words that are not a training colour word plus a "
-        "modifier: 'aqua' lands next to 'azure' (a blue word) in MiniLM's space and is drawn azure-blue (hue "
-        "between teal and blue, nearer blue); 'amethyst' is split into word pieces whose states are near no "
-        "colour word and is drawn in an arbitrary pale colour; 'chestnut' is drawn as a yellower brown, "
-        "which "
-        "the judge accepts in the seen template and less often in the held-out ones; 'pearl white' gets a "
-        "green or pink cast some of the time. The other held-out words ('cherry red', 'royal blue', 'slate "
-        "grey', …) contain a training colour word and are drawn right. Lowest held-out-word row per colour: "
-        + ", ".join(f"{c} {_pct(a)}" for c, a in worst.items())
-        + " (small samples: see n). So the GPU numbers above are the model's: the judge has no bug to fix.",
+        "correctly). The misses come from held-out colour words that contain no training word of their "
+        "colour. The colours whose held-out word does ("
+        + ", ".join(f"'{HELDOUT_COLOUR_WORDS[c]}'" for c in own)
+        + f") score {_pct(min(own_acc))}–{_pct(max(own_acc))} in the GPU evaluation's per-colour accuracy "
+        "above; the others: "
+        + ", ".join(f"{c} ('{HELDOUT_COLOUR_WORDS[c]}') {_pct(per_colour[c])}" for c in rest)
+        + ". The diagnosed colours' held-out words, over their three held-out-word rows below (the seen "
+        "template and the evaluation's two held-out templates):",
+        "",
+        *words,
+        "",
+        "In MiniLM's space (table below) 'aqua' sits next to blue words, with no teal word among its "
+        "nearest; 'amethyst' is split into word pieces whose states are near no colour word; 'chestnut' is "
+        "nearest to words of other colours. What is drawn follows those neighbours: 'aqua' → azure (light "
+        "blue), 'amethyst' → soft pink, cotton white (pale pink or white), 'chestnut' → golden, tangerine, "
+        "leaf green (ochre, orange, green). So the GPU numbers above are the model's: the judge has no bug "
+        "to fix.",
         "",
         *_diagnosis_lines(diagnosis),
+    ]
+    lines += _vocabulary_effect(tr, ev, diagnosis.get("vocab_effect"))
+    caps = _captions(tr)
+    lines += [
         "### What would fix it",
         "",
         "More steps would not: seen prompts are already right, so this is not under-fitting. Conditioning on "
         "MiniLM's pooled sentence embedding would not either — the pooled neighbours above are just as wrong "
-        "('aqua' → azure, 'amethyst' → scarlet). What would: (1) paraphrase coverage — train with many more "
-        "colour names per colour (gem, flower, food and sea names, and colour names with RGB values from a "
-        f"colour-name list, mapped to the nearest of the {len(COLOUR_NAMES)} tints or tinted with their own "
-        f"RGB), so the model reads a region of the text space instead of "
-        f"{_captions(tr)['colour_words_per_colour'] * len(COLOUR_NAMES)} memorised words; (2) a text encoder "
-        "that knows colours "
-        "(e.g. a CLIP text tower) instead of all-MiniLM-L6-v2, whose similarity space is about topics, not "
-        "hues. Neither was done for these weights.",
+        "('aqua' → azure, 'amethyst' → scarlet). More colour names of the kind these weights were trained "
+        f"with did not: {caps['colour_words_per_colour']} words per colour, most of them a v1 word with a "
+        "modifier or an object name, are drawn right as training words but left the held-out words where "
+        "they were. What could: (1) coverage of the text space around such words — many more colour names "
+        "(gem, flower, food and sea names, colour names with RGB values from a colour-name list), tinted "
+        f"with their own RGB or mapped to the nearest of the {len(COLOUR_NAMES)} tints, checked first on "
+        "CPU with `training/probe_colour_words.py`; (2) a text encoder that knows colours (e.g. a CLIP text "
+        "tower) instead of all-MiniLM-L6-v2, whose similarity space is about topics, not hues. Neither was "
+        "done for these weights.",
         "",
     ]
+    return lines
+
+
+def _pct_se_inner(p: float, n: int) -> str:
+    """_pct_se, without the ± where p is 0 or 1 (the binomial standard error is 0 there and says nothing)."""
+    return _pct(p) if p in (0.0, 1.0) else _pct_se(p, n)
+
+
+def _verdicts(judged_as: dict[str, int]) -> str:
+    return ", ".join(f"{c} {n}" for c, n in judged_as.items())
+
+
+def _vocabulary_effect(tr: dict | None, ev: dict, effect: dict | None) -> list[str]:
+    """The wider vocabulary, before/after: the GPU evaluations of the old and these weights, and the added
+    words drawn by both (`diagnose_colours --compare-old` -> colour_vocab_effect.json)."""
+    if not effect:
+        return []
+    old, new = effect["models"]["old"], effect["models"]["new"]
+    oe, ne = old.get("gpu_eval"), new.get("gpu_eval")
+    caps = _captions(tr)
+    per_word = effect["per_word"]
+    n_added = len(new["per_word"])
+    lines = [
+        "### The wider vocabulary: what it changed",
+        "",
+        f"These weights were trained with {caps['colour_words_per_colour']} colour words per colour; the "
+        f"earlier weights (v1) with {V1_CAPTIONS['colour_words_per_colour']}.",
+    ]
+    if oe and ne:
+        changed = [
+            c for c in COLOUR_NAMES if abs(oe["per_colour_accuracy"][c] - ne["per_colour_accuracy"][c]) > 1e-6
+        ]
+        lines[-1] += (
+            " In the GPU evaluations (same prompts and judge; each model at its own default) colour accuracy "
+            f"on the held-out prompts is {_pct(ne['colour_accuracy_heldout_prompts'])} against v1's "
+            f"{_pct(oe['colour_accuracy_heldout_prompts'])}, and on all prompts "
+            f"{_pct_se(ne['colour_accuracy'], ne['n'])} against {_pct_se(oe['colour_accuracy'], oe['n'])} "
+            f"(n = {ne['n']} each; the held-out prompts are a subset, so their error is larger): no change "
+            "beyond the noise, and 'aqua', 'amethyst' and 'chestnut' still fail. Per colour (v1 → these "
+            "weights, "
+            f"n = {ne['n'] // len(COLOUR_NAMES)} each): "
+            + ", ".join(
+                f"{c} {_pct(oe['per_colour_accuracy'][c])} → {_pct(ne['per_colour_accuracy'][c])}"
+                for c in changed
+            )
+            + "; the others unchanged."
+        )
+    words_no = [w for w, r in new["per_word"].items() if not r["contains_v1_word"]]
+    go, gn = old["groups"], new["groups"]
+    missed = [
+        f"'{w}' {r['correct']}/{r['n']} (judged as {_verdicts(r['judged_as'])})"
+        for w, r in old["per_word"].items()
+        if r["correct"] < r["n"]
+    ]
+    d_old, d_new = old["defaults"], new["defaults"]
+    lines += [
+        "",
+        f"What a user gets from it: the {n_added} colour words added to training since v1, in "
+        f'"{effect["prompt"]}" (`python -m training.diagnose_colours --compare-old`, CPU, {per_word} '
+        "samples per word, garments cycling through the 10 classes, the same seeds for both models; v1 at "
+        f"its defaults {d_old['sampler']} {d_old['num_inference_steps']} steps guidance "
+        f"{d_old['guidance_scale']}, these weights at {d_new['sampler']} {d_new['num_inference_steps']} "
+        f"steps guidance {d_new['guidance_scale']}). For v1 these words were unseen; here they are training "
+        "words.",
+        "",
+        "| added words | n | v1 weights | these weights |",
+        "|---|---|---|---|",
+        f"| all | {old['overall']['n']} | {_pct_se_inner(old['overall']['accuracy'], old['overall']['n'])} "
+        f"| {_pct_se_inner(new['overall']['accuracy'], new['overall']['n'])} |",
+        f"| containing a v1 word of their colour ({n_added - len(words_no)} words) "
+        f"| {go['contains_v1_word']['n']} | {_pct(go['contains_v1_word']['accuracy'])} "
+        f"| {_pct(gn['contains_v1_word']['accuracy'])} |",
+        f"| not containing one ({', '.join(words_no)}) | {go['no_v1_word']['n']} "
+        f"| {_pct(go['no_v1_word']['accuracy'])} | {_pct(gn['no_v1_word']['accuracy'])} |",
+    ]
+    for c in COLOUR_NAMES:
+        o, n = old["per_colour"][c], new["per_colour"][c]
+        lines.append(f"| {c} | {o['n']} | {_pct(o['accuracy'])} | {_pct(n['accuracy'])} |")
+    lines += [
+        "",
+        "Words v1 drew wrong at least once: " + ("; ".join(missed) if missed else "none") + ". So the gain "
+        "is on the few added words that contain no v1 word of their colour; the rest v1 already drew right "
+        "from the colour word inside them. It did not reach the held-out words that contain no training "
+        "word of their colour ('aqua', 'amethyst', 'chestnut': teal, purple and brown above).",
+        "",
+    ]
+    return lines
 
 
 def card(
@@ -597,11 +764,17 @@ def classifier_card(info: dict, ref: dict | None) -> str:
 
 
 def write_cards(
-    folder: Path, notes_path: Path | None = NOTES, diagnosis_path: Path | None = DIAGNOSIS
+    folder: Path,
+    notes_path: Path | None = NOTES,
+    diagnosis_path: Path | None = DIAGNOSIS,
+    vocab_path: Path | None = VOCAB_EFFECT,
 ) -> None:
     """Rewrite the cards and README.md of shipped folders from their train.json / eval.json (no run)."""
     notes = load_notes(notes_path)
     diagnosis = diagnosis_for(folder, _read(diagnosis_path) if diagnosis_path else None)
+    effect = vocab_effect_for(folder, _read(vocab_path) if vocab_path else None)
+    if diagnosis and effect:
+        diagnosis = {**diagnosis, "vocab_effect": effect}
     evs = {}
     for name in SCRIPTS:
         tr, ev = _read(folder / name / "train.json"), _read(folder / name / "eval.json")
@@ -711,9 +884,15 @@ def write_readme(out: Path, evs: dict, notes: dict | None = None, diagnosis: dic
             + (
                 ". The misses are the model's, on held-out colour words that the frozen MiniLM encoder "
                 "places "
-                "near another colour or near none; seen colour words are drawn right. Evidence and what "
-                "would "
-                "fix it: `fashion-text/README.md`."
+                "near another colour or near none; seen colour words are drawn right."
+                + (
+                    f" Training with {_captions(evs['fashion-text'][0])['colour_words_per_colour']} colour "
+                    "words per colour instead of 3 did not change that; the added words themselves are "
+                    "drawn right."
+                    if diagnosis.get("vocab_effect") and "fashion-text" in evs
+                    else ""
+                )
+                + " Evidence and what would fix it: `fashion-text/README.md`."
                 if diagnosis
                 else "."
             )
