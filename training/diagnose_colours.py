@@ -9,6 +9,14 @@ word: the training colour words nearest to it (cosine of the mean-pooled token s
 and of the colour word's own token states in that caption).
 
     python -m training.diagnose_colours [--colours teal purple white brown] [--per-class 1] [--out X.json]
+
+`--compare-old OLD` measures instead what the wider training vocabulary (issue 5: 10 colour words per colour
+instead of 3) changes for a user: the colour words added to training after the v1 weights (`ADDED_WORDS`, 7
+per colour), in "a {word} {garment}", drawn by an older fashion-text (`OLD/fashion-text`, for which they were
+unseen) and by `--weights` (for which they are training words), each at its own shipped defaults, with the
+same seeds and garments; the colour judge's accuracy per word, per colour and overall.
+
+    python -m training.diagnose_colours --compare-old /tmp/old/weights --per-word 5 --out X.json
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -39,6 +48,13 @@ from training.data import data_dir, load_split
 from training.evaluate import ColourJudge, TextContext, colour_features, generate, save_grid
 
 REPO = Path(__file__).resolve().parents[1]
+V1_WORDS_PER_COLOUR = 3  # the shipped v1 weights were trained on the first 3 words of each colour
+ADDED_WORDS = {c: ws[V1_WORDS_PER_COLOUR:] for c, ws in COLOUR_WORDS.items()}
+
+
+def _contains_v1_word(colour: str, word: str) -> bool:
+    """Whether `word` contains one of the colour's v1 training words as whole words ("deep red": "red")."""
+    return any(re.search(rf"\b{re.escape(w)}\b", word) for w in COLOUR_WORDS[colour][:V1_WORDS_PER_COLOUR])
 
 
 def hue_degrees(rgb: torch.Tensor) -> torch.Tensor:
@@ -103,6 +119,114 @@ def text_neighbours(text: TextContext, top: int = 3) -> dict[str, dict]:
     return out
 
 
+def _load_text_model(weights: Path) -> tuple[torch.nn.Module, dict, dict, str]:
+    """(unet, scheduler config, shipped defaults, train.json sha256) of `weights/fashion-text`."""
+    folder = weights / "fashion-text"
+    meta = json.loads((folder / "unet_server.json").read_text())["defaults"]
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    sha = hashlib.sha256((folder / "train.json").read_bytes()).hexdigest()
+    return nets.load(folder / "unet", "unet"), sched, meta, sha
+
+
+def _eval_summary(weights: Path) -> dict | None:
+    """The GPU evaluation's headline colour numbers of `weights/fashion-text` (its eval.json)."""
+    path = weights / "fashion-text" / "eval.json"
+    if not path.exists():
+        return None
+    f = json.loads(path.read_text())["final"]
+    keys = ("sampler", "steps", "guidance", "n", "colour_accuracy", "colour_accuracy_heldout_prompts")
+    return {**{k: f[k] for k in keys}, "per_colour_accuracy": f["per_colour_accuracy"]}
+
+
+def _accuracy(correct: int, n: int) -> dict:
+    p = correct / n
+    return {"n": n, "correct": correct, "accuracy": p, "se": (p * (1 - p) / n) ** 0.5}
+
+
+def compare_added_words(old: Path, new: Path, per_word: int, judge: ColourJudge, text: TextContext) -> dict:
+    """Colour accuracy of the old and the new fashion-text on the colour words added since v1 (ADDED_WORDS).
+
+    Word i of a colour gets `per_word` samples, garments cycling through the 10 classes (class
+    (i * per_word + s) % 10, its first garment word); seeds are shared by the two models.
+    """
+    models = {"old": _load_text_model(old), "new": _load_text_model(new)}
+    prompts, colours, words, seeds = [], [], [], []
+    for j, colour in enumerate(COLOUR_NAMES):
+        for i, word in enumerate(ADDED_WORDS[colour]):
+            for s in range(per_word):
+                k = (i * per_word + s) % 10
+                prompts.append(caption(TEMPLATES[0], word, GARMENT_WORDS[k][0]))
+                colours.append(j)
+                words.append(word)
+                seeds.append(2_000_000 + 1000 * j + 10 * i + s)
+    target = torch.tensor(colours)
+    context = text(prompts)
+    result: dict = {
+        "prompt": "a {word} {garment}",
+        "per_word": per_word,
+        "models": {},
+    }
+    for key, (unet, sched, meta, sha) in models.items():
+        t0 = time.monotonic()
+        imgs = generate(
+            unet,
+            sched,
+            meta["sampler"],
+            meta["num_inference_steps"],
+            meta["guidance_scale"],
+            seeds,
+            context=context,
+            uncond=text.uncond,
+        )
+        pred = judge(imgs)
+        ok = pred == target
+        per_word_rows = {}
+        for j, colour in enumerate(COLOUR_NAMES):
+            for word in ADDED_WORDS[colour]:
+                sel = [i for i, w in enumerate(words) if w == word and colours[i] == j]
+                hist = Counter(COLOUR_NAMES[int(pred[i])] for i in sel)
+                per_word_rows[word] = {
+                    "colour": colour,
+                    "contains_v1_word": _contains_v1_word(colour, word),
+                    **_accuracy(int(ok[sel].sum()), len(sel)),
+                    "judged_as": dict(hist.most_common()),
+                }
+        per_colour = {
+            c: _accuracy(int(ok[target == j].sum()), int((target == j).sum()))
+            for j, c in enumerate(COLOUR_NAMES)
+        }
+        groups = {}
+        for flag, name in ((True, "contains_v1_word"), (False, "no_v1_word")):
+            sel = [i for i, w in enumerate(words) if _contains_v1_word(COLOUR_NAMES[colours[i]], w) == flag]
+            groups[name] = _accuracy(int(ok[sel].sum()), len(sel))
+        result["models"][key] = {
+            "weights": str(old if key == "old" else new),
+            "train_json_sha256": sha,
+            "defaults": meta,
+            "gpu_eval": _eval_summary(old if key == "old" else new),
+            "overall": _accuracy(int(ok.sum()), len(ok)),
+            "groups": groups,
+            "per_colour": per_colour,
+            "per_word": per_word_rows,
+            "seconds": time.monotonic() - t0,
+        }
+        print(
+            f"{key}: {meta['sampler']} {meta['num_inference_steps']} steps g {meta['guidance_scale']}: "
+            f"overall {ok.float().mean():.1%} (n={len(ok)}); "
+            + ", ".join(f"{c} {v['accuracy']:.0%}" for c, v in per_colour.items()),
+            flush=True,
+        )
+    print("word                  colour     v1?   old          new")
+    for word, row in result["models"]["new"]["per_word"].items():
+        o = result["models"]["old"]["per_word"][word]
+        old_cell = f"{o['correct']}/{o['n']} {o['judged_as']}"
+        print(
+            f"{word:20s}  {row['colour']:9s}  {'yes' if row['contains_v1_word'] else 'no ':4s}  "
+            f"{old_cell:52s}  {row['correct']}/{row['n']} {row['judged_as']}"
+        )
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default=str(REPO / "weights"))
@@ -110,10 +234,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-class", type=int, default=1, help="samples per (colour, prompt form, class)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--grid", default=None, help="write a PNG here: one row per (colour, prompt form)")
+    ap.add_argument(
+        "--compare-old",
+        default=None,
+        help="instead of the diagnosis: a folder holding an older fashion-text/ (e.g. the v1 weights from "
+        "git history); compare it with --weights on the colour words added to training since v1",
+    )
+    ap.add_argument("--per-word", type=int, default=5, help="--compare-old: samples per added colour word")
     cfg = ap.parse_args(argv)
     torch.manual_seed(0)
     weights = Path(cfg.weights)
     t0 = time.monotonic()
+    if cfg.compare_old:
+        gray, _ = load_split("train", directory=data_dir(), limit=12000)
+        judge = ColourJudge(torch.from_numpy(gray).unsqueeze(1).float() / 255)  # as in the diagnosis
+        result = compare_added_words(
+            Path(cfg.compare_old), weights, cfg.per_word, judge, TextContext(torch.device("cpu"))
+        )
+        result["seconds"] = time.monotonic() - t0
+        if cfg.out:
+            Path(cfg.out).write_text(json.dumps(result, indent=1))
+        print(f"done in {result['seconds']:.0f}s")
+        return
     meta = json.loads((weights / "fashion-text" / "unet_server.json").read_text())["defaults"]
     sched = json.loads((weights / "fashion-text" / "scheduler" / "scheduler_config.json").read_text())
     unet = nets.load(weights / "fashion-text" / "unet", "unet")
