@@ -348,7 +348,9 @@ async def cancel_job(job_id: str, engine: Engine = Depends(ready_engine)) -> Res
     """Cancel a queued or running job (409 when it has already finished)."""
     task = _job(engine, job_id)
     if not engine.cancel(job_id):
-        message = f"job {job_id} is already {task.status}"
+        # "running" here means sampling has finished and the images are being read back and encoded
+        what = "finishing (sampling done)" if task.status == "running" else task.status
+        message = f"job {job_id} is already {what}"
         return JSONResponse({"detail": message, "message": message, "status": task.status}, status_code=409)
     return JSONResponse(_job_info(task, engine).model_dump())
 

@@ -13,6 +13,7 @@ step counts they finish (and start their read-backs) in a known order and at kno
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -361,3 +362,35 @@ def test_read_back_whose_ready_raises_fails_its_requests(pipelines: dict[str, An
 
     asyncio.run(with_engine(pipelines, body, drain_timeout=0))
     assert tasks[0].status == "failed" and tasks[0].error_status == 500
+
+
+def test_cancel_during_read_back_is_409_finishing_then_the_job_completes(weights_dir: Path) -> None:
+    """A job whose sampling has finished can no longer be cancelled: 409 saying it is finishing (not
+    "running"), and its images still arrive."""
+    server = start_server(weights_dir, models=["tiny-class"], batch_buckets=[4], max_batch_rows=4)
+    try:
+        started = gate_read_backs(server.engine.worker, server.engine, [{"not_ready_polls": None}])
+        with server.client() as c:
+            long = c.post(
+                "/v1/jobs",
+                json={"class_label": 1, "num_inference_steps": 400, "guidance_scale": 1, "seed": 1},
+            ).json()["id"]
+            short = c.post(
+                "/v1/jobs", json={"class_label": 0, "num_inference_steps": 2, "guidance_scale": 1, "seed": 2}
+            ).json()["id"]
+            deadline = time.monotonic() + 20
+            while not started and time.monotonic() < deadline:  # the short job's read-back has begun
+                time.sleep(0.01)
+            assert started, "the short job never reached its read-back"
+            r = c.post(f"/v1/jobs/{short}/cancel")
+            assert r.status_code == 409, r.text
+            assert "finishing" in r.json()["detail"]
+            assert (
+                c.post(f"/v1/jobs/{long}/cancel").status_code == 200
+            )  # now idle: the read-back is waited for
+            while c.get(f"/v1/jobs/{short}").json()["status"] != "completed" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            done = c.get(f"/v1/jobs/{short}").json()
+            assert done["status"] == "completed" and len(done["result"]["images"]) == 1
+    finally:
+        server.stop()
