@@ -14,9 +14,13 @@ and of the colour word's own token states in that caption).
 instead of 3) changes for a user: the colour words added to training after the v1 weights (`ADDED_WORDS`, 7
 per colour), in "a {word} {garment}", drawn by an older fashion-text (`OLD/fashion-text`, for which they were
 unseen) and by `--weights` (for which they are training words), each at its own shipped defaults, with the
-same seeds and garments; the colour judge's accuracy per word, per colour and overall.
+same seeds and garments; the colour judge's accuracy per word, per colour and overall. `--added xkcd` does
+the same for the next step (issue 5: the XKCD colour survey names added to the 10 words per colour,
+`captions.xkcd_colour_names`, 238 names): OLD is then a fashion-text trained on the 10 words per colour only,
+and a word is grouped by whether it contains one of those 10 words of its colour.
 
     python -m training.diagnose_colours --compare-old /tmp/old/weights --per-word 5 --out X.json
+    python -m training.diagnose_colours --compare-old /tmp/old10/weights --added xkcd --per-word 2 --out Y
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from training.captions import (
     TEMPLATES,
     caption,
     eval_prompt,
+    xkcd_colour_names,
 )
 from training.data import data_dir, load_split
 from training.evaluate import ColourJudge, TextContext, colour_features, generate, save_grid
@@ -52,9 +57,19 @@ V1_WORDS_PER_COLOUR = 3  # the shipped v1 weights were trained on the first 3 wo
 ADDED_WORDS = {c: ws[V1_WORDS_PER_COLOUR:] for c, ws in COLOUR_WORDS.items()}
 
 
-def _contains_v1_word(colour: str, word: str) -> bool:
-    """Whether `word` contains one of the colour's v1 training words as whole words ("deep red": "red")."""
-    return any(re.search(rf"\b{re.escape(w)}\b", word) for w in COLOUR_WORDS[colour][:V1_WORDS_PER_COLOUR])
+def added_sets(added: str) -> tuple[dict[str, list[str]], dict[str, list[str]], str]:
+    """(words added, the old model's training words, group-key stem) per colour for `--added`:
+    "v1": the 7 words per colour added after v1 (old: its 3 words); "xkcd": the XKCD names (old: the 10)."""
+    if added == "v1":
+        return ADDED_WORDS, {c: ws[:V1_WORDS_PER_COLOUR] for c, ws in COLOUR_WORDS.items()}, "v1"
+    if added == "xkcd":
+        return xkcd_colour_names(), dict(COLOUR_WORDS), "old"
+    raise ValueError(f"--added {added!r}: v1 or xkcd")
+
+
+def _contains_word(words: list[str], word: str) -> bool:
+    """Whether `word` contains one of `words` as whole words ("deep red": "red")."""
+    return any(re.search(rf"\b{re.escape(w)}\b", word) for w in words)
 
 
 def hue_degrees(rgb: torch.Tensor) -> torch.Tensor:
@@ -143,16 +158,21 @@ def _accuracy(correct: int, n: int) -> dict:
     return {"n": n, "correct": correct, "accuracy": p, "se": (p * (1 - p) / n) ** 0.5}
 
 
-def compare_added_words(old: Path, new: Path, per_word: int, judge: ColourJudge, text: TextContext) -> dict:
-    """Colour accuracy of the old and the new fashion-text on the colour words added since v1 (ADDED_WORDS).
+def compare_added_words(
+    old: Path, new: Path, per_word: int, judge: ColourJudge, text: TextContext, added: str = "v1"
+) -> dict:
+    """Colour accuracy of the old and the new fashion-text on the colour words added since the old model
+    (`added_sets(added)`: since v1, ADDED_WORDS; or the XKCD names).
 
     Word i of a colour gets `per_word` samples, garments cycling through the 10 classes (class
     (i * per_word + s) % 10, its first garment word); seeds are shared by the two models.
     """
+    added_words, old_words, stem = added_sets(added)
+    has_key, no_key = f"contains_{stem}_word", f"no_{stem}_word"
     models = {"old": _load_text_model(old), "new": _load_text_model(new)}
     prompts, colours, words, seeds = [], [], [], []
     for j, colour in enumerate(COLOUR_NAMES):
-        for i, word in enumerate(ADDED_WORDS[colour]):
+        for i, word in enumerate(added_words[colour]):
             for s in range(per_word):
                 k = (i * per_word + s) % 10
                 prompts.append(caption(TEMPLATES[0], word, GARMENT_WORDS[k][0]))
@@ -162,6 +182,7 @@ def compare_added_words(old: Path, new: Path, per_word: int, judge: ColourJudge,
     target = torch.tensor(colours)
     context = text(prompts)
     result: dict = {
+        "added": added,
         "prompt": "a {word} {garment}",
         "per_word": per_word,
         "models": {},
@@ -182,12 +203,12 @@ def compare_added_words(old: Path, new: Path, per_word: int, judge: ColourJudge,
         ok = pred == target
         per_word_rows = {}
         for j, colour in enumerate(COLOUR_NAMES):
-            for word in ADDED_WORDS[colour]:
+            for word in added_words[colour]:
                 sel = [i for i, w in enumerate(words) if w == word and colours[i] == j]
                 hist = Counter(COLOUR_NAMES[int(pred[i])] for i in sel)
                 per_word_rows[word] = {
                     "colour": colour,
-                    "contains_v1_word": _contains_v1_word(colour, word),
+                    has_key: _contains_word(old_words[colour], word),
                     **_accuracy(int(ok[sel].sum()), len(sel)),
                     "judged_as": dict(hist.most_common()),
                 }
@@ -196,8 +217,12 @@ def compare_added_words(old: Path, new: Path, per_word: int, judge: ColourJudge,
             for j, c in enumerate(COLOUR_NAMES)
         }
         groups = {}
-        for flag, name in ((True, "contains_v1_word"), (False, "no_v1_word")):
-            sel = [i for i, w in enumerate(words) if _contains_v1_word(COLOUR_NAMES[colours[i]], w) == flag]
+        for flag, name in ((True, has_key), (False, no_key)):
+            sel = [
+                i
+                for i, w in enumerate(words)
+                if _contains_word(old_words[COLOUR_NAMES[colours[i]]], w) == flag
+            ]
             groups[name] = _accuracy(int(ok[sel].sum()), len(sel))
         result["models"][key] = {
             "weights": str(old if key == "old" else new),
@@ -216,12 +241,12 @@ def compare_added_words(old: Path, new: Path, per_word: int, judge: ColourJudge,
             + ", ".join(f"{c} {v['accuracy']:.0%}" for c, v in per_colour.items()),
             flush=True,
         )
-    print("word                  colour     v1?   old          new")
+    print(f"word                  colour     {stem}?   old          new")
     for word, row in result["models"]["new"]["per_word"].items():
         o = result["models"]["old"]["per_word"][word]
         old_cell = f"{o['correct']}/{o['n']} {o['judged_as']}"
         print(
-            f"{word:20s}  {row['colour']:9s}  {'yes' if row['contains_v1_word'] else 'no ':4s}  "
+            f"{word:20s}  {row['colour']:9s}  {'yes' if row[has_key] else 'no ':4s}  "
             f"{old_cell:52s}  {row['correct']}/{row['n']} {row['judged_as']}"
         )
     return result
@@ -241,6 +266,13 @@ def main(argv: list[str] | None = None) -> None:
         "git history); compare it with --weights on the colour words added to training since v1",
     )
     ap.add_argument("--per-word", type=int, default=5, help="--compare-old: samples per added colour word")
+    ap.add_argument(
+        "--added",
+        choices=("v1", "xkcd"),
+        default="v1",
+        help="--compare-old: which added words: the 7 per colour added since v1 (OLD: v1), or the XKCD names "
+        "added to the 10 words per colour (OLD: a 10-word fashion-text)",
+    )
     cfg = ap.parse_args(argv)
     torch.manual_seed(0)
     weights = Path(cfg.weights)
@@ -249,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         gray, _ = load_split("train", directory=data_dir(), limit=12000)
         judge = ColourJudge(torch.from_numpy(gray).unsqueeze(1).float() / 255)  # as in the diagnosis
         result = compare_added_words(
-            Path(cfg.compare_old), weights, cfg.per_word, judge, TextContext(torch.device("cpu"))
+            Path(cfg.compare_old), weights, cfg.per_word, judge, TextContext(torch.device("cpu")), cfg.added
         )
         result["seconds"] = time.monotonic() - t0
         if cfg.out:
