@@ -46,8 +46,11 @@ TEXT_ENCODER = {"name": "all-MiniLM-L6-v2", "max_length": 24}
 HERE = Path(__file__).resolve().parent
 NOTES = HERE / "shipped_run.json"  # provenance of the shipped weights' run, in words (no numbers)
 DIAGNOSIS = HERE / "colour_diagnosis.json"  # `python -m training.diagnose_colours --out ...` on weights/
-# `python -m training.diagnose_colours --compare-old <v1 weights> --out ...`: added colour words, v1 vs now
+# `python -m training.diagnose_colours --compare-old <v1 weights> --out ...`: the colour words added since v1,
+# v1 (3 words per colour) vs the 10-word weights of commit 4b9de4e (the 3 -> 10-word step)
 VOCAB_EFFECT = HERE / "colour_vocab_effect.json"
+# `... --compare-old <10-word weights> --added xkcd --out ...`: the XKCD names, 10-word weights vs the shipped
+VOCAB_EFFECT_XKCD = HERE / "colour_vocab_effect_xkcd.json"
 MODELS = ("fashion-class", "fashion-text", "fashion-text-edges", "fashion-classifier")
 # The caption vocabulary of runs whose train.json has no "captions" record (`captions.caption_summary`): the
 # shipped v1 weights, trained with 3 colour words per colour.
@@ -87,7 +90,7 @@ def diagnosis_for(folder: Path, diagnosis: dict | None) -> dict | None:
 
 
 def vocab_effect_for(folder: Path, effect: dict | None) -> dict | None:
-    """`effect` (colour_vocab_effect.json) if its new model is these fashion-text weights, else None."""
+    """`effect` (colour_vocab_effect*.json) if its new model is these fashion-text weights, else None."""
     if not effect:
         return None
     if effect["models"]["new"].get("train_json_sha256") != _sha256(folder / "fashion-text" / "train.json"):
@@ -290,13 +293,14 @@ def _limitations(name: str, tr: dict | None, ev: dict | None, diagnosis: dict | 
 
 
 _HELDOUT_FORMS = ("held-out word, seen template", "heldout_eval_1", "heldout_eval_3")
-# How the diagnosed held-out words look in the samples of the weights that colour_diagnosis.json measured
-# (written by looking at the samples and the numbers next to this text; revise with the diagnosis).
+# How the diagnosed held-out words come out for the weights that colour_diagnosis.json measured (written from
+# its verdicts, median hues and mean colour features (r/max, g/max, b/max, max); revise with the diagnosis).
 _DRAWN_AS = {
-    "aqua": "a pale, grayish light blue (hue between teal and blue, nearer blue), at times a stronger blue",
-    "amethyst": "pale, washed-out pink, lilac or gray close to white, now and then teal or blue",
-    "chestnut": "no one colour: ochre and orange browns lighter and yellower than the palette's brown, dark "
-    "olive, green, now and then blue",
+    "aqua": "a bright cyan close to the palette's teal in the seen template; in the held-out templates a "
+    "lighter, paler cyan that the judge splits between teal, blue and white",
+    "amethyst": "near-white with a faint cool (bluish) tint — no purple at all",
+    "chestnut": "a bright red-orange (about as bright as orange, where the palette's brown is dark), redder "
+    "than brown's hue",
     "pearl white": "off-white with a cream (yellow) tint",
 }
 
@@ -372,34 +376,60 @@ def _why_colours_fail(tr: dict | None, ev: dict, diagnosis: dict) -> list[str]:
         "",
         *words,
         "",
-        "In MiniLM's space (table below) 'aqua' sits next to blue words, with no teal word among its "
-        "nearest; 'amethyst' is split into word pieces whose states are near no colour word; 'chestnut' is "
-        "nearest to words of other colours. What is drawn follows those neighbours: 'aqua' → azure (light "
-        "blue), 'amethyst' → soft pink, cotton white (pale pink or white), 'chestnut' → golden, tangerine, "
-        "leaf green (ochre, orange, green). So the GPU numbers above are the model's: the judge has no bug "
-        "to fix.",
+        "In MiniLM's space (table below; nearest among the 10 words per colour only, not the XKCD names) "
+        "'aqua' sits next to blue words, with no teal word among its nearest; 'amethyst' is split into word "
+        "pieces whose states are near no colour word; 'chestnut' is nearest to words of other colours (by "
+        "its own tokens: ruby red, cinnamon brown, leaf green). Against the diagnosis of the 10-word weights "
+        "that these replace (`training/colour_diagnosis.json` at commit 22a711c; flow_euler, guidance 2.0; "
+        "same rows, n = 30 each): 'aqua' 1/30 → 20/30, 'amethyst' 1/30 → 0/30, 'chestnut' 15/30 → 2/30 "
+        "(then ochre, orange and olive; now red-orange), 'pearl white' 28/30 → 30/30. So the XKCD names "
+        "helped 'aqua', not 'amethyst', and 'chestnut' got worse. The GPU numbers above are the model's: "
+        "the judge has no bug to fix.",
         "",
         *_diagnosis_lines(diagnosis),
     ]
-    lines += _vocabulary_effect(tr, ev, diagnosis.get("vocab_effect"))
+    lines += _vocabulary_effect(tr, ev, diagnosis.get("vocab_effect"), diagnosis.get("vocab_effect_previous"))
     caps = _captions(tr)
     lines += [
         "### What would fix it",
         "",
         "More steps would not: seen prompts are already right, so this is not under-fitting. Conditioning on "
         "MiniLM's pooled sentence embedding would not either — the pooled neighbours above are just as wrong "
-        "('aqua' → azure, 'amethyst' → scarlet). More colour names of the kind these weights were trained "
-        f"with did not: {caps['colour_words_per_colour']} words per colour, most of them a v1 word with a "
-        "modifier or an object name, are drawn right as training words but left the held-out words where "
-        "they were. What could: (1) coverage of the text space around such words — many more colour names "
-        "(gem, flower, food and sea names, colour names with RGB values from a colour-name list), tinted "
-        f"with their own RGB or mapped to the nearest of the {len(COLOUR_NAMES)} tints, checked first on "
-        "CPU with `training/probe_colour_words.py`; (2) a text encoder that knows colours (e.g. a CLIP text "
-        "tower) instead of all-MiniLM-L6-v2, whose similarity space is about topics, not hues. Neither was "
-        "done for these weights.",
+        "('aqua' → azure, 'amethyst' → scarlet). More colour names did not close the gap: these weights "
+        f"were trained with {caps['colour_words_per_colour']} words per colour"
+        + (
+            f" plus {caps['xkcd_colour_names']} XKCD colour survey names, each mapped to the nearest of the "
+            f"{len(COLOUR_NAMES)} tints"
+            if caps.get("xkcd_colour_names")
+            else ""
+        )
+        + "; 'aqua' improved, 'amethyst' and 'chestnut' did not (the diagnosis above). What could: (1) "
+        "tinting each name with its own RGB instead of the nearest palette colour, so the model learns a "
+        "continuous map from MiniLM's states to colour rather than 12 bins (checked first on CPU with "
+        "`training/probe_colour_words.py`); (2) a text encoder that knows colours (e.g. a CLIP text tower) "
+        "instead of all-MiniLM-L6-v2, whose similarity space is about topics, not hues. Neither was done for "
+        "these weights.",
         "",
     ]
     return lines
+
+
+def _caption_count(caps: dict) -> str:
+    """How the caption count is made: the product per (class, colour), plus the XKCD captions, × pairs."""
+    pairs = len(CLASS_NAMES) * len(COLOUR_NAMES)
+    base = caps["templates"] * caps["colour_words_per_colour"] * caps["garment_words_per_class"]
+    xkcd = caps.get("xkcd_captions_per_pair", 0)
+    text = (
+        f"{caps['templates']} templates × {caps['colour_words_per_colour']} colour words × "
+        f"{caps['garment_words_per_class']} garment words = {base} per (class, colour)"
+    )
+    if xkcd:
+        text += f", plus {xkcd} with XKCD colour names (below) = {base + xkcd}"
+    text += f"; × {pairs} (class, colour) pairs = {caps['num_captions']:,} captions"
+    if (base + xkcd) * pairs != caps["num_captions"]:
+        log(f"package: caption count {caps['num_captions']} is not ({base} + {xkcd}) × {pairs}")
+        text += " (as recorded in train.json)"
+    return text
 
 
 def _pct_se_inner(p: float, n: int) -> str:
@@ -411,80 +441,162 @@ def _verdicts(judged_as: dict[str, int]) -> str:
     return ", ".join(f"{c} {n}" for c, n in judged_as.items())
 
 
-def _vocabulary_effect(tr: dict | None, ev: dict, effect: dict | None) -> list[str]:
+_EFFECT_LABELS = {
+    # effect["added"] -> (old model's label, what was added, group key stem, the old model's words in a group)
+    "v1": ("v1", "the colour words added to training since v1", "v1", "a v1 word of their colour"),
+    "xkcd": (
+        "10-word weights",
+        "the XKCD colour names added to training since the 10-word weights",
+        "old",
+        "one of the 10 words of their colour",
+    ),
+}
+
+
+def _effect_labels(effect: dict) -> tuple[str, str, str, str]:
+    return _EFFECT_LABELS[effect.get("added", "v1")]
+
+
+def _previous_effect(previous: dict) -> list[str]:
+    """The step before (colour_vocab_effect.json, 3 -> 10 words per colour), in one paragraph."""
+    old, new = previous["models"]["old"], previous["models"]["new"]
+    oe, ne = old.get("gpu_eval"), new.get("gpu_eval")
+    go, gn = old["groups"], new["groups"]
+    commit = previous.get("new_weights_commit", "?")
+    text = (
+        f"The step before (3 → 10 colour words per colour; `training/colour_vocab_effect.json`, measured "
+        f"on the 10-word `fashion-text` shipped in commit {commit}, now superseded by these weights, against "
+        f"v1): on the {len(new['per_word'])} words added then ({previous['per_word']} samples per word, "
+        f"n = {old['overall']['n']} per model) v1 drew {_pct(old['overall']['accuracy'])} in the asked "
+        f"colour and the 10-word weights {_pct(new['overall']['accuracy'])}; words containing a v1 word "
+        f"of their colour {_pct(go['contains_v1_word']['accuracy'])} → "
+        f"{_pct(gn['contains_v1_word']['accuracy'])}"
+        f" (n = {go['contains_v1_word']['n']}), the others {_pct(go['no_v1_word']['accuracy'])} → "
+        f"{_pct(gn['no_v1_word']['accuracy'])} (n = {go['no_v1_word']['n']})."
+    )
+    if oe and ne:
+        text += (
+            " In the GPU evaluations colour accuracy on the held-out prompts went from "
+            f"{_pct(oe['colour_accuracy_heldout_prompts'])} to {_pct(ne['colour_accuracy_heldout_prompts'])} "
+            f"and on all prompts from {_pct(oe['colour_accuracy'])} to {_pct(ne['colour_accuracy'])} "
+            f"(n = {ne['n']} each)."
+        )
+    return [text, ""]
+
+
+def _vocabulary_effect(
+    tr: dict | None, ev: dict, effect: dict | None, previous: dict | None = None
+) -> list[str]:
     """The wider vocabulary, before/after: the GPU evaluations of the old and these weights, and the added
-    words drawn by both (`diagnose_colours --compare-old` -> colour_vocab_effect.json)."""
+    words drawn by both (`diagnose_colours --compare-old [--added xkcd]` -> colour_vocab_effect*.json);
+    `previous`: the comparison one vocabulary step earlier, whose new model is `effect`'s old one."""
     if not effect:
         return []
     old, new = effect["models"]["old"], effect["models"]["new"]
     oe, ne = old.get("gpu_eval"), new.get("gpu_eval")
     caps = _captions(tr)
+    label, added_desc, stem, group_desc = _effect_labels(effect)
+    has_key, no_key = f"contains_{stem}_word", f"no_{stem}_word"
     per_word = effect["per_word"]
     n_added = len(new["per_word"])
+    commit = effect.get("old_weights_commit")
+    vocab = f"{caps['colour_words_per_colour']} colour words per colour" + (
+        f" plus {caps['xkcd_colour_names']} XKCD colour names" if caps.get("xkcd_colour_names") else ""
+    )
     lines = [
         "### The wider vocabulary: what it changed",
         "",
-        f"These weights were trained with {caps['colour_words_per_colour']} colour words per colour; the "
-        f"earlier weights (v1) with {V1_CAPTIONS['colour_words_per_colour']}.",
+        f"These weights were trained with {vocab}; the {label}"
+        + (f" (shipped in commit {commit})" if commit else "")
+        + (
+            f" with {V1_CAPTIONS['colour_words_per_colour']} words per colour."
+            if effect.get("added", "v1") == "v1"
+            else " with the 10 words per colour only."
+        ),
     ]
     if oe and ne:
         changed = [
             c for c in COLOUR_NAMES if abs(oe["per_colour_accuracy"][c] - ne["per_colour_accuracy"][c]) > 1e-6
         ]
+        diff = ne["colour_accuracy"] - oe["colour_accuracy"]
+        se = math.sqrt(sum(e["colour_accuracy"] * (1 - e["colour_accuracy"]) / e["n"] for e in (oe, ne)))
         lines[-1] += (
             " In the GPU evaluations (same prompts and judge; each model at its own default) colour accuracy "
-            f"on the held-out prompts is {_pct(ne['colour_accuracy_heldout_prompts'])} against v1's "
-            f"{_pct(oe['colour_accuracy_heldout_prompts'])}, and on all prompts "
+            f"on the held-out prompts is {_pct(ne['colour_accuracy_heldout_prompts'])} against "
+            f"{_pct(oe['colour_accuracy_heldout_prompts'])} for the {label}, and on all prompts "
             f"{_pct_se(ne['colour_accuracy'], ne['n'])} against {_pct_se(oe['colour_accuracy'], oe['n'])} "
-            f"(n = {ne['n']} each; the held-out prompts are a subset, so their error is larger): no change "
-            "beyond the noise, and 'aqua', 'amethyst' and 'chestnut' still fail. Per colour (v1 → these "
-            "weights, "
-            f"n = {ne['n'] // len(COLOUR_NAMES)} each): "
+            f"(n = {ne['n']} each; the held-out prompts are a subset, so their error is larger): a "
+            f"difference of {100 * diff:+.1f} points, "
+            + ("within" if abs(diff) < 2 * se else "beyond")
+            + f" two standard errors of the difference ({100 * se:.1f} points), from one seeded run each. "
+            f"Per colour ({label} → these weights, n = {ne['n'] // len(COLOUR_NAMES)} each): "
             + ", ".join(
                 f"{c} {_pct(oe['per_colour_accuracy'][c])} → {_pct(ne['per_colour_accuracy'][c])}"
                 for c in changed
             )
             + "; the others unchanged."
         )
-    words_no = [w for w, r in new["per_word"].items() if not r["contains_v1_word"]]
+    words_no = [w for w, r in new["per_word"].items() if not r[has_key]]
     go, gn = old["groups"], new["groups"]
-    missed = [
-        f"'{w}' {r['correct']}/{r['n']} (judged as {_verdicts(r['judged_as'])})"
-        for w, r in old["per_word"].items()
-        if r["correct"] < r["n"]
-    ]
+    missed = sorted(
+        ((w, r) for w, r in old["per_word"].items() if r["correct"] < r["n"]), key=lambda x: x[1]["colour"]
+    )
+    missed_new = [(w, r) for w, r in new["per_word"].items() if r["correct"] < r["n"]]
     d_old, d_new = old["defaults"], new["defaults"]
+    no_words = ", ".join(words_no) if len(words_no) <= 12 else f"{len(words_no)} names"
+    if effect.get("added", "v1") == "v1":
+        intro = (
+            f"What a user gets from it: the {n_added} colour words added to training since v1, in "
+            f'"{effect["prompt"]}" (`python -m training.diagnose_colours --compare-old`, CPU, {per_word} '
+            "samples per word, garments cycling through the 10 classes, the same seeds for both models; v1 "
+            f"at its defaults {d_old['sampler']} {d_old['num_inference_steps']} steps guidance "
+            f"{d_old['guidance_scale']}, these weights at {d_new['sampler']} {d_new['num_inference_steps']} "
+            f"steps guidance {d_new['guidance_scale']}). For v1 these words were unseen; here they are "
+            "training words."
+        )
+    else:
+        intro = (
+            f"What a user gets from it: {added_desc} ({n_added}), in "
+            f'"{effect["prompt"]}" (`python -m training.diagnose_colours --compare-old --added '
+            f"{effect['added']}`, CPU, {per_word} sample{'s' if per_word != 1 else ''} per name, garments "
+            f"cycling through the 10 classes, the same seeds for both models; the {label} at its defaults "
+            f"{d_old['sampler']} {d_old['num_inference_steps']} steps guidance {d_old['guidance_scale']}, "
+            f"these weights at {d_new['sampler']} {d_new['num_inference_steps']} steps guidance "
+            f"{d_new['guidance_scale']}). For the {label} these names were unseen; here they are training "
+            "words, each tinted with the palette colour the colour judge calls its RGB "
+            "(`captions.xkcd_colour_names`)."
+        )
     lines += [
         "",
-        f"What a user gets from it: the {n_added} colour words added to training since v1, in "
-        f'"{effect["prompt"]}" (`python -m training.diagnose_colours --compare-old`, CPU, {per_word} '
-        "samples per word, garments cycling through the 10 classes, the same seeds for both models; v1 at "
-        f"its defaults {d_old['sampler']} {d_old['num_inference_steps']} steps guidance "
-        f"{d_old['guidance_scale']}, these weights at {d_new['sampler']} {d_new['num_inference_steps']} "
-        f"steps guidance {d_new['guidance_scale']}). For v1 these words were unseen; here they are training "
-        "words.",
+        intro,
         "",
-        "| added words | n | v1 weights | these weights |",
+        f"| added words | n | {label} | these weights |",
         "|---|---|---|---|",
         f"| all | {old['overall']['n']} | {_pct_se_inner(old['overall']['accuracy'], old['overall']['n'])} "
         f"| {_pct_se_inner(new['overall']['accuracy'], new['overall']['n'])} |",
-        f"| containing a v1 word of their colour ({n_added - len(words_no)} words) "
-        f"| {go['contains_v1_word']['n']} | {_pct(go['contains_v1_word']['accuracy'])} "
-        f"| {_pct(gn['contains_v1_word']['accuracy'])} |",
-        f"| not containing one ({', '.join(words_no)}) | {go['no_v1_word']['n']} "
-        f"| {_pct(go['no_v1_word']['accuracy'])} | {_pct(gn['no_v1_word']['accuracy'])} |",
+        f"| containing {group_desc} ({n_added - len(words_no)} words) "
+        f"| {go[has_key]['n']} | {_pct(go[has_key]['accuracy'])} "
+        f"| {_pct(gn[has_key]['accuracy'])} |",
+        f"| not containing one ({no_words}) | {go[no_key]['n']} "
+        f"| {_pct(go[no_key]['accuracy'])} | {_pct(gn[no_key]['accuracy'])} |",
     ]
     for c in COLOUR_NAMES:
         o, n = old["per_colour"][c], new["per_colour"][c]
         lines.append(f"| {c} | {o['n']} | {_pct(o['accuracy'])} | {_pct(n['accuracy'])} |")
+    fmt = lambda rows: "; ".join(  # noqa: E731
+        f"'{w}' ({r['colour']}) {r['correct']}/{r['n']} as {_verdicts(r['judged_as'])}" for w, r in rows
+    )
     lines += [
         "",
-        "Words v1 drew wrong at least once: " + ("; ".join(missed) if missed else "none") + ". So the gain "
-        "is on the few added words that contain no v1 word of their colour; the rest v1 already drew right "
-        "from the colour word inside them. It did not reach the held-out words that contain no training "
-        "word of their colour ('aqua', 'amethyst', 'chestnut': teal, purple and brown above).",
+        f"Words the {label} drew wrong at least once ({len(missed)} of {n_added}): "
+        + (fmt(missed) if missed else "none")
+        + f". Words these weights drew wrong ({len(missed_new)}): "
+        + (fmt(missed_new) if missed_new else "none")
+        + ".",
         "",
     ]
+    if previous:
+        lines += _previous_effect(previous)
     return lines
 
 
@@ -534,10 +646,8 @@ def card(
             "",
             f"Colourising: each garment is scaled so its brightest pixel is 1 and multiplied by one of "
             f"{len(COLOUR_NAMES)} colours ({', '.join(COLOUR_NAMES)}), drawn per sample per step. Captions: "
-            f"{caps['templates']} templates × {caps['colour_words_per_colour']} colour words × "
-            f"{caps['garment_words_per_class']} garment words per (class, colour) = {caps['num_captions']:,} "
-            "captions "
-            '(e.g. "a crimson trainer", "a navy coloured jumper"); 10% replaced by the empty prompt. '
+            + _caption_count(caps)
+            + ' (e.g. "a crimson trainer", "a navy coloured jumper"); 10% replaced by the empty prompt. '
             f"Held out from training: the colour words {', '.join(HELDOUT_COLOUR_WORDS.values())}; their own "
             f"garment words; the templates {', '.join(repr(t) for t in HELDOUT_TEMPLATES)}.",
         ]
@@ -547,6 +657,17 @@ def card(
                 "Training colour words (canonical first): "
                 + "; ".join(f"{c}: {', '.join(ws)}" for c, ws in caps["colour_words"].items())
                 + ".",
+            ]
+        if caps.get("xkcd_colour_names"):
+            lines += [
+                "",
+                f"Vocabulary: the {caps['colour_words_per_colour']} colour words per colour above plus "
+                f"{caps['xkcd_colour_names']} colour names of the XKCD colour survey (CC0; "
+                "`training/xkcd_colours.tsv`), each assigned to the palette colour the colour judge calls "
+                "its RGB (`captions.xkcd_colour_names`; the garment is tinted with that palette colour, not "
+                "the name's own RGB), per colour: "
+                + ", ".join(f"{c} {n}" for c, n in caps["xkcd_names_per_colour"].items())
+                + ". None of them contains a held-out colour word.",
             ]
     if name == "fashion-text-edges":
         lines += [
@@ -646,11 +767,13 @@ def card(
                 "with control.",
             }[name],
         ]
+    # shipped_run.json "_reproduce": the command line of the run that made the model (budgets included)
+    command = (notes or {}).get("_reproduce", {}).get(name, "bash training/run_all.sh")
     lines += [
         "",
         "## Reproduce",
         "",
-        "`bash training/run_all.sh` (see `training/README.md`); this model: "
+        f"`{command}` (see `training/README.md`); this model: "
         f"`python -m training.{SCRIPTS[name]}"
         f"{' --steps ' + str(tr['steps']) + ' --seconds 100000' if tr else ''}` (the step count of this run "
         "with the time budget out of the way; without `--seconds` the default budget may stop it earlier). "
@@ -768,13 +891,27 @@ def write_cards(
     notes_path: Path | None = NOTES,
     diagnosis_path: Path | None = DIAGNOSIS,
     vocab_path: Path | None = VOCAB_EFFECT,
+    vocab_xkcd_path: Path | None = VOCAB_EFFECT_XKCD,
 ) -> None:
-    """Rewrite the cards and README.md of shipped folders from their train.json / eval.json (no run)."""
+    """Rewrite the cards and README.md of shipped folders from their train.json / eval.json (no run).
+
+    The vocabulary comparison shown is the one whose new model is these weights (the XKCD step, else the
+    3 -> 10-word step); the 3 -> 10-word step is also shown, as the step before, when its new model is the
+    XKCD step's old one."""
     notes = load_notes(notes_path)
     diagnosis = diagnosis_for(folder, _read(diagnosis_path) if diagnosis_path else None)
-    effect = vocab_effect_for(folder, _read(vocab_path) if vocab_path else None)
+    v1_step = _read(vocab_path) if vocab_path else None
+    xkcd_step = _read(vocab_xkcd_path) if vocab_xkcd_path else None
+    effect = vocab_effect_for(folder, xkcd_step) if xkcd_step else None
+    previous = None
+    if effect and v1_step:
+        old_sha = effect["models"]["old"].get("train_json_sha256")
+        if v1_step["models"]["new"].get("train_json_sha256") == old_sha:
+            previous = v1_step
+    elif v1_step:
+        effect = vocab_effect_for(folder, v1_step)
     if diagnosis and effect:
-        diagnosis = {**diagnosis, "vocab_effect": effect}
+        diagnosis = {**diagnosis, "vocab_effect": effect, "vocab_effect_previous": previous}
     evs = {}
     for name in SCRIPTS:
         tr, ev = _read(folder / name / "train.json"), _read(folder / name / "eval.json")
@@ -801,6 +938,30 @@ def _sharing(evs: dict) -> str:
     return (
         f"{', '.join(shared)}: two processes shared the GPU; {', '.join(alone)}: one process had it to "
         "itself."
+    )
+
+
+def _readme_vocab_sentence(tr: dict | None, diagnosis: dict) -> str:
+    """What the wider vocabulary did, for weights/README.md: held-out words missed, added words drawn."""
+    caps = _captions(tr)
+    effect = diagnosis["vocab_effect"]
+    vocab = f"{caps['colour_words_per_colour']} colour words per colour" + (
+        f" plus {caps['xkcd_colour_names']} XKCD colour names" if caps.get("xkcd_colour_names") else ""
+    )
+    rows = _heldout_rows(diagnosis)
+    still = [
+        f"'{HELDOUT_COLOUR_WORDS[c]}' {r['right']}/{r['n']}"
+        for c, r in rows.items()
+        if r["right"] < r["n"] / 2
+    ]
+    new = effect["models"]["new"]["overall"]
+    label = _effect_labels(effect)[0]
+    old = effect["models"]["old"]["overall"]
+    return (
+        f" Training with {vocab} did not fix that"
+        + (f" (CPU diagnosis, judged right: {', '.join(still)})" if still else "")
+        + f"; the added words themselves are drawn in their colour {_pct(new['accuracy'])} of the time "
+        f"(n = {new['n']}; {_pct(old['accuracy'])} by the {label}, for which they were unseen)."
     )
 
 
@@ -886,9 +1047,7 @@ def write_readme(out: Path, evs: dict, notes: dict | None = None, diagnosis: dic
                 "places "
                 "near another colour or near none; seen colour words are drawn right."
                 + (
-                    f" Training with {_captions(evs['fashion-text'][0])['colour_words_per_colour']} colour "
-                    "words per colour instead of 3 did not change that; the added words themselves are "
-                    "drawn right."
+                    _readme_vocab_sentence(evs["fashion-text"][0], diagnosis)
                     if diagnosis.get("vocab_effect") and "fashion-text" in evs
                     else ""
                 )
