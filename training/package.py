@@ -559,12 +559,14 @@ def _vocabulary_effect(
             f"What a user gets from it: {added_desc} ({n_added}), in "
             f'"{effect["prompt"]}" (`python -m training.diagnose_colours --compare-old --added '
             f"{effect['added']}`, CPU, {per_word} sample{'s' if per_word != 1 else ''} per name, garments "
-            f"cycling through the 10 classes, the same seeds for both models; the {label} at its defaults "
-            f"{d_old['sampler']} {d_old['num_inference_steps']} steps guidance {d_old['guidance_scale']}, "
-            f"these weights at {d_new['sampler']} {d_new['num_inference_steps']} steps guidance "
-            f"{d_new['guidance_scale']}). For the {label} these names were unseen; here they are training "
-            "words, each tinted with the palette colour the colour judge calls its RGB "
-            "(`captions.xkcd_colour_names`)."
+            f"cycling through the 10 classes, the same seeds for both models, each model at its own "
+            f"defaults: the {label} {d_old['sampler']} {d_old['num_inference_steps']} steps guidance "
+            f"{d_old['guidance_scale']}, these weights {d_new['sampler']} {d_new['num_inference_steps']} "
+            f"steps guidance {d_new['guidance_scale']}). For the {label} these names were unseen; here they "
+            "are training words, each tinted with the palette colour the colour judge calls its RGB "
+            "(`captions.xkcd_colour_names`). Right means judged as that palette colour, so a pale name such "
+            "as 'pale mauve' counts as white: some of the 10-word weights' misses are names drawn as the "
+            "colour their words say rather than the one their RGB was assigned to."
         )
     lines += [
         "",
@@ -586,10 +588,15 @@ def _vocabulary_effect(
     fmt = lambda rows: "; ".join(  # noqa: E731
         f"'{w}' ({r['colour']}) {r['correct']}/{r['n']} as {_verdicts(r['judged_as'])}" for w, r in rows
     )
+    many = len(missed) > 20  # the XKCD step: listed per word in its JSON file instead
     lines += [
         "",
         f"Words the {label} drew wrong at least once ({len(missed)} of {n_added}): "
-        + (fmt(missed) if missed else "none")
+        + (
+            "per word in `training/colour_vocab_effect_xkcd.json`"
+            if many
+            else (fmt(missed) if missed else "none")
+        )
         + f". Words these weights drew wrong ({len(missed_new)}): "
         + (fmt(missed_new) if missed_new else "none")
         + ".",
