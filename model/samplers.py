@@ -325,10 +325,17 @@ class DPMPP2M(Sampler):
         sigma, sigma_next = st.sigmas[st.i], st.sigmas[st.i + 1]
         q = self._ratio(sigma, sigma_next)  # e^(−h)
         h = -math.log(q) if q > 0 else math.inf
-        c = None
-        if st.old_denoised is not None and q > 0 and math.isfinite(st.h_last):
-            c = 0.5 * h / st.h_last
+        c = 0.5 * h / st.h_last if self._second_order(st) else None
         return sigma_next / sigma, self._alpha(sigma_next) * (1 - q), c, h
+
+    def _second_order(self, st: SamplerState) -> bool:
+        """A previous x0 and finite log-SNR steps on both sides: e^(−h) > 0, i.e. σ' > 0 and α(σ) > 0."""
+        return (
+            st.old_denoised is not None
+            and math.isfinite(st.h_last)
+            and st.sigmas[st.i + 1] > 0
+            and self._alpha(st.sigmas[st.i]) > 0
+        )
 
     def step(self, st: SamplerState, denoised: Tensor) -> None:
         a, b, c, h = self._coefficients(st)
@@ -338,7 +345,7 @@ class DPMPP2M(Sampler):
         st.i += 1
 
     def _step_kind(self, st: SamplerState) -> Hashable | None:
-        return "second order" if self._coefficients(st)[2] is not None else "first order"
+        return "second order" if self._second_order(st) else "first order"
 
     def _step_many(self, kind: Hashable, states: list[SamplerState], denoised: Tensor) -> None:
         coefficients = [self._coefficients(st) for st in states]

@@ -45,6 +45,16 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def start(args: argparse.Namespace) -> torch.device:
+    """Common start of a training script: smoke-run limits, seeds, TF32 for fp32 leftovers; the device."""
+    if args.smoke:
+        args.steps, args.batch, args.log_every = args.steps or 3, min(args.batch, 16), 1
+    seed_all(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.device(args.device)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from training import nets
 from training.captions import caption_summary
 from training.data import DeviceData, edges, load_split
-from training.loop import Trainer, add_args, log, seed_all, write_json
+from training.loop import Trainer, add_args, log, start, write_json
 from training.text_states import CaptionTable
 from training.train_text import flow_batch
 
@@ -30,13 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--base", required=True, help="run folder of fashion-text (reads <base>/unet)")
     ap.add_argument("--cond-drop", type=float, default=0.1)
     args = ap.parse_args(argv)
-    if args.smoke:
-        args.steps, args.batch, args.log_every = args.steps or 3, min(args.batch, 16), 1
     args.warmup = min(args.warmup, 200)
-    seed_all(args.seed)
-    device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    device = start(args)
     data = DeviceData(*load_split("train", limit=512 if args.smoke else None), device, args.seed + 1)
     table = CaptionTable(device, small=args.smoke)
     base = nets.load(f"{args.base}/unet", "unet", device=device).eval().requires_grad_(False)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from training import nets
 from training.captions import COLOUR_NAMES, caption_summary
 from training.data import DeviceData, load_split, tint, to_model
-from training.loop import Trainer, add_args, log, seed_all, write_json
+from training.loop import Trainer, add_args, log, start, write_json
 from training.text_states import CaptionTable
 
 
@@ -42,12 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     add_args(ap, seconds=330, batch=512, lr=1e-3)
     ap.add_argument("--cond-drop", type=float, default=0.1)
     args = ap.parse_args(argv)
-    if args.smoke:
-        args.steps, args.batch, args.log_every = args.steps or 3, min(args.batch, 16), 1
-    seed_all(args.seed)
-    device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    device = start(args)
     data = DeviceData(*load_split("train", limit=512 if args.smoke else None), device, args.seed)
     table = CaptionTable(device, small=args.smoke)
     cfg = nets.config_for("text", smoke=args.smoke)
