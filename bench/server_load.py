@@ -3,7 +3,9 @@
     python -m bench.server_load --out $OUT                      # CUDA, fashion-class (or a random stand-in)
     python -m bench.server_load --device cpu --quick            # CPU smoke test of every code path
 
-(a) ``batched``: the server as built (step-level continuous batching), max batch rows = ``--max-rows``;
+(a) ``batched``: the server as built (step-level continuous batching), max batch rows = ``--max-rows``,
+    engine in the mode named first in ``--engine-modes`` (default ``process``: its own process); further
+    modes run as ``batched-<mode>`` (e.g. ``--engine-modes process,thread`` compares both in one run);
 (b) ``one-at-a-time``: the same server with UNET_SERVER_MAX_BATCH_ROWS = the rows of one request (2 with
     guidance) and UNET_SERVER_BATCH_BUCKETS = that, so every forward pass carries exactly one request;
 (c) ``raw loop``: no server — the sampling loop in-process on the same weights (bench.sampling_loop), the
@@ -553,6 +555,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ready-timeout", type=float, default=120.0)
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--skip", default="", help="comma list of: batched, one-at-a-time, raw")
+    p.add_argument(
+        "--engine-modes",
+        default="process",
+        help="batched server's UNET_SERVER_ENGINE_MODE values, comma list: the first is `batched` (the one "
+        "the goals use), others run as `batched-<mode>` for comparison, e.g. process,thread",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.duration, args.warmup_s = 2, 1.5, 0.5
@@ -581,13 +589,16 @@ def main(argv: list[str] | None = None) -> None:
     all_rows: list[dict[str, Any]] = []
     infos = []
     configs = []
+    modes = [m.strip() for m in args.engine_modes.split(",") if m.strip()]
     if "batched" not in skip:
-        flags = {**common_flags, "max_batch_rows": args.max_rows}
-        if args.buckets:
-            flags["batch_buckets"] = args.buckets
-        configs.append(("batched", flags, rates))
+        for i, mode in enumerate(modes):
+            flags = {**common_flags, "max_batch_rows": args.max_rows, "engine_mode": mode}
+            if args.buckets:
+                flags["batch_buckets"] = args.buckets
+            configs.append(("batched" if i == 0 else f"batched-{mode}", flags, rates))
     if "one-at-a-time" not in skip:
-        configs.append(("one-at-a-time", {**common_flags, "max_batch_rows": 2, "batch_buckets": 2}, None))
+        one = {**common_flags, "max_batch_rows": 2, "batch_buckets": 2, "engine_mode": modes[0]}
+        configs.append(("one-at-a-time", one, None))
     for label, flags, open_rates in configs:
         rows, info = asyncio.run(run_server(label, flags, args, budget, open_rates))
         all_rows += rows

@@ -53,6 +53,7 @@ class ServerState:
     ctx: ValidationContext | None = None
     device: str = ""
     load_task: asyncio.Task | None = None
+    engine_process: Any = None  # server.engine_process.EngineProcess while it loads (engine_mode=process)
 
 
 def _resolve_device_dtype(settings: Settings) -> tuple[Any, Any]:
@@ -110,17 +111,28 @@ def model_spec(p: Any) -> ModelSpec:
     )
 
 
-def _load(state: ServerState, text_encoder_loader: Callable[..., Any] | None) -> Any:
-    """Load pipelines, pick the attention backend, build and warm the worker (blocking; runs in a thread)."""
+@dataclass
+class LoadInfo:
+    """What the HTTP side needs from loading (picklable: an engine process sends it to the parent)."""
+
+    device: str
+    models: dict[str, ModelSpec]
+    samplers: list[SamplerInfo]
+    schedule_configs: dict[str, dict[str, Any]]  # model id -> its scheduler config (to check step counts)
+
+
+def load_worker(settings: Settings, text_encoder_loader: Callable[..., Any] | None) -> tuple[Any, LoadInfo]:
+    """Load pipelines, pick the attention backend, build and warm the worker (blocking; runs in a thread or
+    in the engine process)."""
     import torch
 
     from model.attention import head_dims, select_backend, set_attention_backend
     from model.pipeline import compile_pipelines, load_pipelines
+    from model.samplers import list_samplers
     from server.worker import Worker
 
-    s = state.settings
+    s = settings
     device, dtype = _resolve_device_dtype(s)
-    state.device = str(device)
     weights_dir = s.weights_dir
     if not weights_dir.exists() and not weights_dir.is_absolute():
         # Installed console script run outside the repo: fall back to the weights beside the package.
@@ -138,18 +150,11 @@ def _load(state: ServerState, text_encoder_loader: Callable[..., Any] | None) ->
     backend = select_backend(device, dtype, preferred, head_dims=dims or (64,))
     for m in modules.values():
         set_attention_backend(m, backend)
-    from model.samplers import list_samplers
-
-    state.samplers = [SamplerInfo(**info) for info in list_samplers()]
-    state.models = {n: model_spec(p) for n, p in pipelines.items()}
-    def check_steps(model: str, sampler: str, steps: int) -> None:
-        from model.samplers import get_sampler
-
-        schedule = pipelines[model].schedule
-        get_sampler(sampler, schedule.kind).make_sigmas(schedule, steps)
-
-    state.ctx = ValidationContext(
-        models=state.models, check_sampler=_check_sampler, settings=s, check_steps=check_steps
+    info = LoadInfo(
+        device=str(device),
+        models={n: model_spec(p) for n, p in pipelines.items()},
+        samplers=[SamplerInfo(**i) for i in list_samplers()],
+        schedule_configs={n: dict(p.schedule.config) for n, p in pipelines.items()},
     )
     compiled = 0  # before warm-up: it compiles every bucket, then the graphs capture the compiled kernels
     if s.compile:
@@ -159,10 +164,35 @@ def _load(state: ServerState, text_encoder_loader: Callable[..., Any] | None) ->
     if compiled:
         # A shape not warmed (another image size) runs eagerly instead of compiling on the hot path.
         torch.compiler.set_stance("eager_on_recompile")
-    if device.type == "cuda":
-        state.metrics.set_gpu_memory_source(lambda: float(torch.cuda.memory_allocated(device)))
     log.info("loaded %s on %s/%s, attention %s", sorted(pipelines), device, dtype, backend)
-    return worker
+    return worker, info
+
+
+def apply_load_info(state: ServerState, info: LoadInfo) -> None:
+    """Fill the state routes validate against from what loading reported."""
+    from model.samplers import get_sampler
+    from model.schedules import Schedule
+
+    schedules = {n: Schedule(c) for n, c in info.schedule_configs.items()}
+
+    def check_steps(model: str, sampler: str, steps: int) -> None:
+        schedule = schedules[model]
+        get_sampler(sampler, schedule.kind).make_sigmas(schedule, steps)
+
+    state.device = info.device
+    state.models = info.models
+    state.samplers = info.samplers
+    state.ctx = ValidationContext(
+        models=state.models, check_sampler=_check_sampler, settings=state.settings, check_steps=check_steps
+    )
+
+
+def use_engine_process(settings: Settings) -> bool:
+    """``engine_mode``: "process" / "thread"; "auto" = a process when the models go on CUDA."""
+    if settings.engine_mode != "auto":
+        return settings.engine_mode == "process"
+    device, _ = _resolve_device_dtype(settings)
+    return device.type == "cuda"
 
 
 class _CountRequests:
@@ -211,13 +241,30 @@ def create_app(
     state = ServerState(settings=settings, metrics=metrics)
 
     async def load_and_start() -> None:
+        engine: Any
         try:
-            worker = await asyncio.to_thread(_load, state, text_encoder_loader)
+            if await asyncio.to_thread(use_engine_process, settings):
+                from server.engine_process import EngineProcess
+
+                engine = EngineProcess(settings, metrics, text_encoder_loader)
+                state.engine_process = engine  # stopped at shutdown even if loading is cancelled
+                info = await asyncio.to_thread(engine.launch)
+            else:
+                worker, info = await asyncio.to_thread(load_worker, settings, text_encoder_loader)
+                engine = Engine(worker, settings.max_queue_size, metrics, settings.max_finished_jobs)
         except Exception as exc:  # noqa: BLE001 — reported by /health/ready, logged with traceback
             log.exception("model loading failed")
-            state.load_error = f"{type(exc).__name__}: {exc}"
+            own = type(exc).__name__ == "EngineLoadError"  # the child's message already names its exception
+            state.load_error = str(exc) if own else f"{type(exc).__name__}: {exc}"
             return
-        engine = Engine(worker, settings.max_queue_size, metrics, settings.max_finished_jobs)
+        apply_load_info(state, info)
+        if info.device.startswith("cuda"):
+            if isinstance(engine, Engine):
+                import torch
+
+                metrics.set_gpu_memory_source(lambda: float(torch.cuda.memory_allocated(info.device)))
+            else:
+                metrics.set_gpu_memory_source(lambda: engine.gpu_bytes)
         engine.start(asyncio.get_running_loop())
         state.engine = engine
         state.ready = True
@@ -234,6 +281,8 @@ def create_app(
                 state.load_task.cancel()
             if state.engine is not None:
                 await state.engine.stop(drain_timeout=min(30.0, settings.request_timeout_seconds))
+            elif state.engine_process is not None:  # shut down while the engine process was loading
+                state.engine_process.kill()
 
     app = FastAPI(
         title="unet-server",

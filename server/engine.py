@@ -60,6 +60,18 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
 
+def new_task(request: ResolvedRequest, endpoint: str, is_job: bool) -> Task:
+    return Task(
+        id=new_id("job" if is_job else "gen"),
+        request=request,
+        endpoint=endpoint,
+        is_job=is_job,
+        created=time.monotonic(),
+        created_wall=time.time(),
+        total_steps=request.num_inference_steps,
+    )
+
+
 @dataclass(eq=False)
 class Task:
     """One request's life on the server, as routes and SSE streams see it (read on the event loop)."""
@@ -76,6 +88,7 @@ class Task:
     started: float | None = None
     finished: float | None = None
     pngs: list[bytes] | None = None
+    sampling_done: bool = False  # images are being read back / encoded: too late to cancel
     error_status: int | None = None
     error_message: str | None = None
     error_id: str | None = None
@@ -152,6 +165,92 @@ def _publish_many(events: list[tuple[Task, str, dict[str, Any] | None]]) -> None
         task._publish(event, data)
 
 
+# -- what happens to a task on the event loop (shared by Engine and server.engine_process.EngineProcess) --
+
+
+def fail_task(task: Task, status: int, message: str, error_id: str | None = None) -> None:
+    """Mark ``task`` failed and tell its waiters (event-loop thread); no-op once it is terminal."""
+    if task.done:
+        return
+    task.status = "failed"
+    task.finished = time.monotonic()
+    task.error_status, task.error_message, task.error_id = status, message, error_id
+    task._publish("failed")
+
+
+def complete_task(task: Task, images: np.ndarray, metrics: Metrics, after: Callable[[Task], None]) -> None:
+    """PNG-encode ``images`` (uint8 (n, H, W, C)) and complete ``task`` (event-loop thread): small results
+    inline, large ones in the thread pool; ``after(task)`` runs once it completed."""
+
+    def completed(pngs: list[bytes]) -> None:
+        if task.done:
+            return
+        task.pngs = pngs
+        task.status = "completed"
+        task.finished = time.monotonic()
+        metrics.images_generated_total.labels(task.request.model).inc(len(pngs))
+        task._publish("completed")
+        after(task)
+
+    def encoding_failed() -> None:
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("PNG encoding failed (error_id=%s, request=%s)", error_id, task.id)
+        fail_task(task, 500, f"internal error while encoding (error id {error_id})", error_id)
+
+    async def encode() -> None:
+        try:
+            pngs = await run_in_threadpool(to_pngs, images)
+        except Exception:
+            encoding_failed()
+            return
+        completed(pngs)
+
+    if images.size > INLINE_PNG_MAX_BYTES:
+        asyncio.ensure_future(encode())
+        return
+    try:
+        pngs = to_pngs(images)
+    except Exception:
+        encoding_failed()
+        return
+    completed(pngs)
+
+
+class EngineEvents:
+    """Where the engine thread sends what happened to its tasks. This one: to the ``Task`` objects on the
+    asyncio loop, one ``call_soon_threadsafe`` per batch of events (each call wakes the loop and costs both
+    threads a GIL hand-over). ``server.engine_process`` has one that writes them to a pipe instead."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.loop = loop
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+    def started(self, tasks: list[Task]) -> None:
+        self._call(_publish_many, [(t, "started", None) for t in tasks])
+
+    def progress(self, tasks: list[Task]) -> None:
+        """Jobs that advanced one step (``task.step`` / ``total_steps`` already updated)."""
+        self._call(_publish_many, [(t, "progress", t._event_data()) for t in tasks])
+
+    def sampled(self, tasks: list[Task]) -> None:
+        """Sampling finished; images are being read back (in-process: nothing to do, the Task is shared)."""
+
+    def completed(self, finished: list[tuple[Task, np.ndarray]]) -> None:
+        self._call(self.engine._complete_many, finished)
+
+    def failed(self, task: Task, status: int, message: str, error_id: str | None) -> None:
+        self._call(fail_task, task, status, message, error_id)
+
+    def flush(self) -> None:
+        """End of one engine-loop iteration (batching transports send here)."""
+
+
 class Engine:
     """Step-level continuous batching over a ``Worker``; see the module docstring."""
 
@@ -162,8 +261,11 @@ class Engine:
         metrics: Metrics,
         max_finished_jobs: int = 1000,
         clock: Callable[[], float] = time.monotonic,
+        events: Any = None,
     ) -> None:
+        """``events``: an ``EngineEvents``-like sink; None: to the asyncio loop given to ``start``."""
         self.worker = worker
+        self.events = events
         self.metrics = metrics
         self.scheduler = Scheduler(max_rows=worker.max_rows, max_queue_size=max_queue_size, clock=clock)
         self.jobs: OrderedDict[str, Task] = OrderedDict()
@@ -180,8 +282,11 @@ class Engine:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Start the loop thread; events go to ``loop`` unless an events sink was given."""
         self._loop = loop
+        if self.events is None:
+            self.events = EngineEvents(self, loop)
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="unet-engine", daemon=True)
         self._thread.start()
@@ -195,16 +300,22 @@ class Engine:
                 if len(self.scheduler) == 0:
                     break
             await asyncio.sleep(0.05)
+        for task in self.halt():
+            fail_task(task, 503, "server is shutting down")
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+
+    def halt(self) -> list[Task]:
+        """Tell the loop thread to finish (it completes pending read-backs first); returns the requests
+        still in the scheduler, removed from it (the caller fails them)."""
+        self._accepting = False
         with self._cond:
             leftover = [e.payload for e in self.scheduler.entries()]
             for task in leftover:
                 self.scheduler.remove(task.id)
             self._stop = True
             self._cond.notify_all()
-        for task in leftover:
-            self._fail_on_loop(task, 503, "server is shutting down")
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10.0)
+        return leftover
 
     @property
     def running(self) -> bool:
@@ -214,17 +325,19 @@ class Engine:
 
     def submit(self, request: ResolvedRequest, endpoint: str, timeout: float, is_job: bool = False) -> Task:
         """Admit a request; raises QueueFull (429) or EngineStopped (503)."""
+        task = new_task(request, endpoint, is_job)
+        self.admit(task, timeout)
+        if is_job:
+            self.jobs[task.id] = task
+            self._trim_jobs()
+        task._publish("queued")
+        return task
+
+    def admit(self, task: Task, timeout: float) -> None:
+        """Put ``task`` in the scheduler (any thread); raises QueueFull or EngineStopped."""
         if not self._accepting:
             raise EngineStopped("server is not accepting requests")
-        task = Task(
-            id=new_id("job" if is_job else "gen"),
-            request=request,
-            endpoint=endpoint,
-            is_job=is_job,
-            created=time.monotonic(),
-            created_wall=time.time(),
-            total_steps=request.num_inference_steps,
-        )
+        request = task.request
         with self._cond:
             self.scheduler.add(
                 task.id,
@@ -236,24 +349,23 @@ class Engine:
             )
             self._cond.notify()
             self._gauges()
-        if is_job:
-            self.jobs[task.id] = task
-            self._trim_jobs()
-        task._publish("queued")
-        return task
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a queued or running request; its rows leave the next plan. False if already finished."""
-        with self._cond:
-            entry = self.scheduler.remove(task_id)
-            self._gauges()
-        if entry is None:
+        task = self.withdraw(task_id)
+        if task is None:
             return False
-        task: Task = entry.payload
         task.status = "cancelled"
         task.finished = time.monotonic()
         task._publish("cancelled")
         return True
+
+    def withdraw(self, task_id: str) -> Task | None:
+        """Take a request out of the scheduler (any thread); None if it is not there (finished sampling)."""
+        with self._cond:
+            entry = self.scheduler.remove(task_id)
+            self._gauges()
+        return None if entry is None else entry.payload
 
     def queue_position(self, task_id: str) -> int | None:
         with self._cond:
@@ -276,17 +388,11 @@ class Engine:
         self.metrics.queue_size.set(self.scheduler.waiting_count)
         self.metrics.running_requests.set(self.scheduler.running_count)
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
-        assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # loop closed during shutdown
-            pass
-
     def _run(self) -> None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         while True:
             self._collect(block=False)
+            self.events.flush()  # the previous step's and this collect's events, before any wait
             with self._cond:
                 while not self._stop and len(self.scheduler) == 0 and not self._reading:
                     self._cond.wait(0.5)
@@ -305,6 +411,7 @@ class Engine:
             elif self._reading:
                 self._collect(block=True)  # nothing to run: wait for the device to finish the read-backs
         self._collect(block=True)
+        self.events.flush()
 
     def _collect(self, block: bool) -> None:
         """Complete the requests whose images have reached host memory (all of them when ``block``)."""
@@ -319,20 +426,20 @@ class Engine:
                 self._fault(tasks, "reading back images failed")
                 continue
             self._reading.popleft()
-            self._call(self._complete_many, finished)
+            self.events.completed(finished)
 
     def _step(self, plan: Plan) -> None:
         tasks: list[Task] = [e.payload for e in plan.entries]
         now = time.monotonic()
-        started: list[tuple[Task, str, dict[str, Any] | None]] = []
+        started: list[Task] = []
         for task in tasks:
             if task.started is None:
                 task.started = now
                 task.status = "running"
                 self.metrics.queue_wait_seconds.labels(task.request.model).observe(now - task.created)
-                started.append((task, "started", None))
+                started.append(task)
         if started:
-            self._call(_publish_many, started)
+            self.events.started(started)
         # Prepare newcomers (engine thread: the device is ours); a bad request fails alone.
         ready: list[Task] = []
         for task in tasks:
@@ -371,22 +478,24 @@ class Engine:
             self._gauges()
         finished_set = {e.id for e in finished}
         completing: list[Task] = []
-        # One loop wake-up per step for every job's progress (not one per request): each
-        # call_soon_threadsafe writes the loop's self-pipe, costing both threads a GIL hand-over. Only jobs
-        # can be watched (SSE); a /generate request's progress has no reader, so it is not published.
-        progress: list[tuple[Task, str, dict[str, Any] | None]] = []
+        # One event batch per step for every job's progress (not one per request). Only jobs can be watched
+        # (SSE); a /generate request's progress has no reader, so it is not published.
+        progress: list[Task] = []
         for task, d in zip(ready, done, strict=True):
             if task.done:  # cancelled or expired while the step ran: its output is dropped
                 continue
             task.step = task.worker_state.evaluations
             if task.is_job:
-                progress.append((task, "progress", task._event_data()))
+                progress.append(task)
             if d and task.id in finished_set:
                 completing.append(task)
         if progress:
-            self._call(_publish_many, progress)
+            self.events.progress(progress)
         if not completing:
             return
+        for task in completing:
+            task.sampling_done = True
+        self.events.sampled(completing)
         try:  # one device-to-host copy for every request finishing in this step, collected when it lands
             pending = self.worker.read_images([t.worker_state for t in completing])
         except Exception:
@@ -420,53 +529,14 @@ class Engine:
 
     def _fail(self, task: Task, status: int, message: str, error_id: str | None = None) -> None:
         task.worker_state = None
-        self._call(self._fail_on_loop, task, status, message, error_id)
+        self.events.failed(task, status, message, error_id)
 
     # -- completion (event-loop thread) -------------------------------------------------------
 
-    def _fail_on_loop(self, task: Task, status: int, message: str, error_id: str | None = None) -> None:
-        if task.done:
-            return
-        task.status = "failed"
-        task.finished = time.monotonic()
-        task.error_status, task.error_message, task.error_id = status, message, error_id
-        task._publish("failed")
-
     def _complete_many(self, finished: list[tuple[Task, np.ndarray]]) -> None:
         for task, images in finished:
-            self._complete(task, images)
+            complete_task(task, images, self.metrics, self._after_complete)
 
-    def _complete(self, task: Task, images: np.ndarray) -> None:
-        async def encode() -> None:
-            try:
-                pngs = await run_in_threadpool(to_pngs, images)
-            except Exception:
-                self._encoding_failed(task)
-                return
-            self._completed(task, pngs)
-
-        if images.size > INLINE_PNG_MAX_BYTES:
-            asyncio.ensure_future(encode())
-            return
-        try:
-            pngs = to_pngs(images)
-        except Exception:
-            self._encoding_failed(task)
-            return
-        self._completed(task, pngs)
-
-    def _encoding_failed(self, task: Task) -> None:
-        error_id = uuid.uuid4().hex[:12]
-        log.exception("PNG encoding failed (error_id=%s, request=%s)", error_id, task.id)
-        self._fail_on_loop(task, 500, f"internal error while encoding (error id {error_id})", error_id)
-
-    def _completed(self, task: Task, pngs: list[bytes]) -> None:
-        if task.done:
-            return
-        task.pngs = pngs
-        task.status = "completed"
-        task.finished = time.monotonic()
-        self.metrics.images_generated_total.labels(task.request.model).inc(len(pngs))
-        task._publish("completed")
+    def _after_complete(self, task: Task) -> None:
         if task.is_job:
             self._trim_jobs()

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     # On CUDA, torch.compile each U-Net and ControlNet (mode "default", static shapes) before warm-up; the
     # warm-up then compiles every bucket (slow start-up), graphs capture the compiled kernels. CPU: ignored.
     compile: bool = False
+    # Where the engine (scheduler + device loop) runs: "process" = a child process with its own interpreter
+    # and GIL, so HTTP handling never delays a step; "thread" = a thread of the server process (engine
+    # internals inspectable, no spawn cost); "auto" = process when the models go on CUDA, else thread.
+    engine_mode: Literal["auto", "thread", "process"] = "auto"
     # Requests admitted but not yet started; beyond this a request gets 429.
     max_queue_size: int = Field(256, ge=1)
     # Deadline of a /generate or /v1/images/generations request, from arrival (504 past it).

@@ -6,7 +6,6 @@ import json
 import socket
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,28 +15,10 @@ import httpx
 import pytest
 import torch
 
+from tests.fakes import TEXT_DIM, TEXT_LEN, FakeTextEncoder  # noqa: F401 — re-exported for the tests
+
 SIZE = 16
-TEXT_DIM = 32
-TEXT_LEN = 8
 CLASS_NAMES = ["shirt", "sneaker", "bag"]
-
-
-class FakeTextEncoder:
-    """Deterministic stand-in for MiniLM: each prompt maps to fixed random token states (L, D)."""
-
-    max_length = TEXT_LEN
-
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.device, self.dtype = device, dtype
-        self.calls = 0
-
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        self.calls += 1
-        rows = []
-        for p in prompts:
-            g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
-            rows.append(torch.randn(TEXT_LEN, TEXT_DIM, generator=g))
-        return torch.stack(rows).to(self.device, self.dtype)  # (B, L, D)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -179,6 +160,7 @@ def start_server(
         "max_inference_steps": 2000,
         "max_control_image_bytes": 20_000,
         "max_control_image_pixels": 64 * 64,
+        "engine_mode": "thread",  # tests inspect engine internals; test_engine_process covers "process"
     }
     options.update(overrides)
     loader = FakeTextEncoder if text_encoder_loader == "fake" else text_encoder_loader  # None: the real one

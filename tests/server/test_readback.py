@@ -283,13 +283,13 @@ def test_oldest_read_back_holds_back_later_ready_ones(pipelines: dict[str, Any])
 
     async def body(engine: Engine) -> None:
         started = gate_read_backs(engine.worker, engine, [{"not_ready_polls": k}, {"not_ready_polls": 0}])
-        real = engine._completed
+        real = engine._after_complete
 
-        def record(task: Task, pngs: list[bytes]) -> None:
+        def record(task: Task) -> None:  # runs as each task completes, in completion order
             completed.append(task.id)
-            real(task, pngs)
+            real(task)
 
-        engine._completed = record  # type: ignore[method-assign]
+        engine._after_complete = record  # type: ignore[method-assign]
         tasks.extend(submit_together(engine, [a_req, b_req, c_req]))
         await finish(*tasks)
         (_, first), (_, second) = started
