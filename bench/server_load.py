@@ -4,8 +4,8 @@
     python -m bench.server_load --device cpu --quick            # CPU smoke test of every code path
 
 (a) ``batched``: the server as built (step-level continuous batching), max batch rows = ``--max-rows``,
-    engine in the mode named first in ``--engine-modes`` (default ``process``: its own process); further
-    modes run as ``batched-<mode>`` (e.g. ``--engine-modes process,thread`` compares both in one run);
+    with the settings of the first of ``--variants`` (default: the engine in its own process); further
+    variants run as ``batched[...]`` (e.g. ``--variants 'engine_mode=process;engine_mode=thread'``);
 (b) ``one-at-a-time``: the same server with UNET_SERVER_MAX_BATCH_ROWS = the rows of one request (2 with
     guidance) and UNET_SERVER_BATCH_BUCKETS = that, so every forward pass carries exactly one request;
 (c) ``raw loop``: no server — the sampling loop in-process on the same weights (bench.sampling_loop), the
@@ -427,13 +427,15 @@ async def run_server(
             await closed_loop(load, server.url, bodies, min(8, max(args.clients)), args.warmup_s)  # warm-up
             # One-at-a-time: the most concurrent point first (the 20x goal needs it if the budget runs out).
             order = args.clients if open_rates is not None else sorted(args.clients, reverse=True)
+            if open_rates is not None and args.saturation_clients:  # batched servers: saturation point
+                order = [*order, args.saturation_clients]
             for c in order:
                 if budget.exhausted():
                     rows.append({"server": label, "point": f"closed {c}", "errors": "skipped (budget)"})
                     continue
                 if c > CLIENTS_PER_PROC:
                     if pool is None:
-                        pool = start_pool(-(-max(args.clients) // CLIENTS_PER_PROC))
+                        pool = start_pool(-(-max(order) // CLIENTS_PER_PROC))
                     coro = closed_loop_procs(pool, server.url, bodies, c, args.duration, args.request_timeout)
                 else:
                     coro = closed_loop(load, server.url, bodies, c, args.duration)
@@ -556,10 +558,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--skip", default="", help="comma list of: batched, one-at-a-time, raw")
     p.add_argument(
-        "--engine-modes",
-        default="process",
-        help="batched server's UNET_SERVER_ENGINE_MODE values, comma list: the first is `batched` (the one "
-        "the goals use), others run as `batched-<mode>` for comparison, e.g. process,thread",
+        "--variants",
+        default="engine_mode=process",
+        help="batched server settings, ';'-separated variants of comma-separated key=value (server flags): "
+        "the first runs as `batched` (the one the goals use), others as `batched[key=value,...]` for "
+        "comparison, e.g. 'engine_mode=process;engine_mode=thread;max_steps_ahead=1'",
+    )
+    p.add_argument(
+        "--saturation-clients",
+        type=int,
+        default=128,
+        help="one more closed-loop point for the batched servers, with more clients than fit one forward "
+        "pass so that requests always wait (saturation); 0 = none",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -589,15 +599,21 @@ def main(argv: list[str] | None = None) -> None:
     all_rows: list[dict[str, Any]] = []
     infos = []
     configs = []
-    modes = [m.strip() for m in args.engine_modes.split(",") if m.strip()]
+    variants = [
+        dict(kv.split("=", 1) for kv in v.split(",") if kv.strip())
+        for v in args.variants.split(";")
+        if v.strip()
+    ] or [{}]
     if "batched" not in skip:
-        for i, mode in enumerate(modes):
-            flags = {**common_flags, "max_batch_rows": args.max_rows, "engine_mode": mode}
+        for i, variant in enumerate(variants):
+            flags = {**common_flags, "max_batch_rows": args.max_rows}
             if args.buckets:
                 flags["batch_buckets"] = args.buckets
-            configs.append(("batched" if i == 0 else f"batched-{mode}", flags, rates))
-    if "one-at-a-time" not in skip:
-        one = {**common_flags, "max_batch_rows": 2, "batch_buckets": 2, "engine_mode": modes[0]}
+            named = ",".join(f"{k}={v}" for k, v in variant.items())
+            label = "batched" if i == 0 else f"batched[{named}]"
+            configs.append((label, {**flags, **variant}, rates))
+    if "one-at-a-time" not in skip:  # the first variant's settings (engine mode etc.), one request per pass
+        one = {**common_flags, **variants[0], "max_batch_rows": 2, "batch_buckets": 2}
         configs.append(("one-at-a-time", one, None))
     for label, flags, open_rates in configs:
         rows, info = asyncio.run(run_server(label, flags, args, budget, open_rates))
@@ -620,9 +636,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def goals(rows: list[dict[str, Any]], infos: list[dict[str, Any]], args) -> list[dict[str, Any]]:
-    def pick(server_prefix: str, point: str, key: str) -> float | None:
+    def pick(name: str, point: str, key: str) -> float | None:
         for r in rows:
-            if r.get("server", "").startswith(server_prefix) and r.get("point") == point and key in r:
+            server = r.get("server", "")
+            ours = server.startswith(name) if name == "raw loop" else server == name
+            if ours and r.get("point") == point and key in r:
                 return r[key]
         return None
 

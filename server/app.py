@@ -159,7 +159,7 @@ def load_worker(settings: Settings, text_encoder_loader: Callable[..., Any] | No
     compiled = 0  # before warm-up: it compiles every bucket, then the graphs capture the compiled kernels
     if s.compile:
         compiled = compile_pipelines(pipelines, device, shapes_per_module=2 * len(s.batch_buckets))
-    worker = Worker(pipelines, s.batch_buckets, cuda_graphs=s.cuda_graphs)
+    worker = Worker(pipelines, s.batch_buckets, cuda_graphs=s.cuda_graphs, max_steps_ahead=s.max_steps_ahead)
     worker.warmup()
     if compiled:
         # A shape not warmed (another image size) runs eagerly instead of compiling on the hot path.
@@ -188,11 +188,21 @@ def apply_load_info(state: ServerState, info: LoadInfo) -> None:
 
 
 def use_engine_process(settings: Settings) -> bool:
-    """``engine_mode``: "process" / "thread"; "auto" = a process when the models go on CUDA."""
+    """``engine_mode``: "process" / "thread"; "auto" = a process for ``device`` cuda, and for device auto when
+    the machine has an NVIDIA device node. Decided without importing torch, so that the engine process can
+    start at once (the parent's own imports then overlap its loading); a wrong guess only picks the mode,
+    the child resolves the device itself."""
     if settings.engine_mode != "auto":
         return settings.engine_mode == "process"
-    device, _ = _resolve_device_dtype(settings)
-    return device.type == "cuda"
+    if settings.device != "auto":
+        return settings.device == "cuda"
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def _import_for_validation() -> None:
+    """The parent's torch-backed imports that ``apply_load_info`` needs (overlapped with the child's load)."""
+    import model.samplers  # noqa: F401
+    import model.schedules  # noqa: F401
 
 
 class _CountRequests:
@@ -243,12 +253,14 @@ def create_app(
     async def load_and_start() -> None:
         engine: Any
         try:
-            if await asyncio.to_thread(use_engine_process, settings):
+            if use_engine_process(settings):
                 from server.engine_process import EngineProcess
 
                 engine = EngineProcess(settings, metrics, text_encoder_loader)
                 state.engine_process = engine  # stopped at shutdown even if loading is cancelled
+                imports = asyncio.ensure_future(asyncio.to_thread(_import_for_validation))
                 info = await asyncio.to_thread(engine.launch)
+                await imports
             else:
                 worker, info = await asyncio.to_thread(load_worker, settings, text_encoder_loader)
                 engine = Engine(worker, settings.max_queue_size, metrics, settings.max_finished_jobs)
