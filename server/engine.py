@@ -10,7 +10,8 @@ PNG encoding never runs on the engine thread: small results are encoded on the e
 the thread pool (``INLINE_PNG_MAX_BYTES``).
 On CUDA the engine never waits for the device inside a step: finished images are copied to host memory
 asynchronously and the requests complete when their copy has landed (polled between steps; waited for
-only when there is nothing else to run), and the worker lets the host run at most a couple of steps ahead.
+only when there is nothing else to run), and the worker lets the host run at most ``max_steps_ahead``
+steps (1 by default) ahead of it.
 
 A step that raises fails only the requests in that plan (500 with an error id, logged with traceback);
 cancellation and deadlines remove a request from the scheduler at once, so the next plan never carries it.

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import sys
 import threading
 import time
 import uuid
@@ -39,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 from server.engine import (
+    GIL_SWITCH_INTERVAL_S,
     Engine,
     EngineStopped,
     QueueFull,
@@ -289,6 +291,9 @@ class EngineProcess:
         return message[1]
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The receiver thread wants the GIL for every message (each step's events, each completion) while
+        # the event loop holds it: with the default 5 ms switch interval a completion could wait that long.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._loop = loop
         self._accepting = self._alive = True
         self._receiver = threading.Thread(target=self._receive, name="unet-engine-receiver", daemon=True)

@@ -51,9 +51,10 @@ class Settings(BaseSettings):
     # internals inspectable, no spawn cost); "auto" = process when the models go on CUDA, else thread.
     engine_mode: Literal["auto", "thread", "process"] = "auto"
     # On CUDA, how many steps the engine may enqueue before the device has finished them. 1 overlaps one
-    # step's host work with the previous step's kernels; more hides host hiccups but delays when a new
-    # request's first step and a finished request's read-back run (about one step each).
-    max_steps_ahead: int = Field(2, ge=1, le=8)
+    # step's host work with the previous step's kernels; more hides host hiccups but delays a new
+    # request's first step and a finished request's read-back by about one step each (H100, fashion-class,
+    # 64 closed-loop clients: 503 img/s with 1, 482 with 2; bench/RESULTS.md run 8).
+    max_steps_ahead: int = Field(1, ge=1, le=8)
     # Requests admitted but not yet started; beyond this a request gets 429.
     max_queue_size: int = Field(256, ge=1)
     # Deadline of a /generate or /v1/images/generations request, from arrival (504 past it).

@@ -85,7 +85,7 @@ class Worker:
         buckets: Sequence[int],
         prompt_cache_size: int = 1024,
         cuda_graphs: bool = True,
-        max_steps_ahead: int = 2,
+        max_steps_ahead: int = 1,
     ):
         if not pipelines:
             raise ValueError("no pipelines")
