@@ -73,6 +73,11 @@ def env_info(device: torch.device) -> dict[str, Any]:
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
         )
         info["git"] = rev.stdout.strip() or None
+        # A copy of the tree (e.g. on the lent GPU machine) may carry an older .git: say when the files
+        # differ from that commit, so a stale hash is never read as the measured code.
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=REPO, capture_output=True)
+        if info["git"] and dirty.returncode == 1:
+            info["git"] += "+modified"
     except OSError:
         info["git"] = None
     if device.type == "cuda":
