@@ -337,7 +337,7 @@ class Engine:
     def admit(self, task: Task, timeout: float) -> None:
         """Put ``task`` in the scheduler (any thread); raises QueueFull or EngineStopped."""
         if not self._accepting:
-            raise EngineStopped("server is not accepting requests")
+            raise EngineStopped("server is shutting down")
         request = task.request
         with self._cond:
             self.scheduler.add(

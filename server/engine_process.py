@@ -23,7 +23,9 @@ Messages (pickled tuples over one duplex ``multiprocessing`` pipe):
   last.
 
 If the child dies (a device fault, the OOM killer), every request in flight fails with a 500 and an error
-id, ``running`` turns false so /health/ready answers 503, and the orchestrator restarts the server.
+id, ``running`` turns false (/health/ready answers 503 "loading") and a new child is started; after
+``MAX_RESTARTS`` unexpected exits within ``RESTART_WINDOW_S`` it is not, ``failure`` says why, and
+/health/ready answers 503 "failed" until the orchestrator restarts the server.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 GPU_MEMORY_REPORT_S = 1.0  # how often the child reports torch.cuda.memory_allocated with its events
+# An engine process that exits unexpectedly is started again, unless it did so this often within the window
+# (then it stays down: /health/ready reports the failure and the orchestrator restarts the server).
+MAX_RESTARTS, RESTART_WINDOW_S = 3, 600.0
 SHUTTING_DOWN = "server is shutting down"
 
 
@@ -261,6 +266,9 @@ class EngineProcess:
         self._receiver: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.gpu_bytes = 0.0
+        self.failure: str | None = None  # set when the engine process is down for good
+        self._exits: list[float] = []  # monotonic times of unexpected exits (restart budget)
+        self._restart: asyncio.Future | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -278,6 +286,7 @@ class EngineProcess:
         )
         self._proc.start()
         child_conn.close()
+        self._conn = None
         try:
             message = conn.recv()
         except (EOFError, OSError):
@@ -311,6 +320,8 @@ class EngineProcess:
             self._send(("stop",))
         if self._receiver is not None:
             await asyncio.to_thread(self._receiver.join, 40.0)
+        if self._restart is not None and not self._restart.done():
+            self._restart.cancel()  # a child still loading is terminated below
         await asyncio.sleep(0)  # let the receiver's last callbacks run
         for task in list(self._live.values()):
             self._forget(task)
@@ -340,13 +351,17 @@ class EngineProcess:
     def submit(self, request: ResolvedRequest, endpoint: str, timeout: float, is_job: bool = False) -> Task:
         """Admit a request; raises QueueFull (429) or EngineStopped (503)."""
         if not self._accepting:
-            raise EngineStopped("server is not accepting requests")
+            if self._stopping:
+                raise EngineStopped(SHUTTING_DOWN)
+            if self.failure:
+                raise EngineStopped(f"the engine is down: {self.failure}")
+            raise EngineStopped("the engine is restarting; retry shortly")
         if len(self._queued) >= self.settings.max_queue_size:
             limit = self.settings.max_queue_size
             raise QueueFull(f"{len(self._queued)} requests are waiting (max_queue_size={limit})")
         task = new_task(request, endpoint, is_job)
         if not self._send(("submit", task.id, request, endpoint, is_job, task.created, timeout)):
-            raise EngineStopped("the engine process is not running")
+            raise EngineStopped("the engine is restarting; retry shortly")
         self._live[task.id] = task
         self._queued[task.id] = task
         if is_job:
@@ -465,3 +480,36 @@ class EngineProcess:
         for task in list(self._live.values()):
             self._forget(task)
             fail_task(task, 500, f"internal error: the engine process exited (error id {error_id})", error_id)
+        now = time.monotonic()
+        self._exits = [t for t in self._exits if now - t < RESTART_WINDOW_S] + [now]
+        if len(self._exits) > MAX_RESTARTS:
+            self.failure = (
+                f"the engine process exited {len(self._exits)} times within {RESTART_WINDOW_S:.0f} s "
+                f"(last exit code {code}); not restarting it"
+            )
+            log.error("%s", self.failure)
+            return
+        log.warning("starting a new engine process")
+        self._restart = asyncio.ensure_future(self._relaunch())
+
+    async def _relaunch(self) -> None:
+        """Start a new child after an unexpected exit (event loop); requests get 503 until it is ready."""
+        old = self._proc
+        try:
+            if old is not None:
+                await asyncio.to_thread(old.join, 10.0)
+            if self._conn is not None:
+                self._conn.close()
+            await asyncio.to_thread(self.launch)
+        except asyncio.CancelledError:
+            self.kill()
+            raise
+        except Exception as exc:  # noqa: BLE001 — it stays down; readiness says why
+            self.failure = f"restarting the engine process failed: {exc}"
+            log.exception("restarting the engine process failed")
+            return
+        if self._stopping:
+            self.kill()
+            return
+        log.info("the new engine process is ready")
+        self.start(self._loop)  # type: ignore[arg-type]

@@ -152,8 +152,8 @@ async def _submit(
         raise HTTPException(
             429, "the request queue is full; retry later", headers={"Retry-After": str(engine.retry_after())}
         ) from None
-    except EngineStopped:
-        raise HTTPException(503, "server is shutting down", headers={"Retry-After": "5"}) from None
+    except EngineStopped as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from None
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -413,8 +413,9 @@ async def ready(request: Request) -> Response:
     state = _state(request)
     if state.ready and state.engine is not None and state.engine.running:
         return JSONResponse({"status": "ready", "models": sorted(state.models), "device": state.device})
-    if state.load_error:
-        return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
+    failure = state.load_error or getattr(state.engine, "failure", None)
+    if failure:
+        return JSONResponse({"status": "failed", "error": failure}, status_code=503)
     return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
 
 

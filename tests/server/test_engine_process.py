@@ -122,27 +122,65 @@ def test_cancel_reaches_the_child(proc_server: Any) -> None:
         assert c.post("/generate", json={**CLASS, "seed": 2}).status_code == 200
 
 
-def test_a_dying_child_fails_its_requests_and_readiness(weights_dir: Path) -> None:
+def _start_long_job(c: Any) -> str:
+    job = c.post("/v1/jobs", json={**CLASS, "seed": 1, "num_inference_steps": 900}).json()
+    deadline = time.monotonic() + 30
+    while c.get(f"/v1/jobs/{job['id']}").json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return job["id"]
+
+
+def _wait_failed(c: Any, job_id: str) -> dict:
+    deadline = time.monotonic() + 30
+    while (info := c.get(f"/v1/jobs/{job_id}").json())["status"] != "failed":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return info
+
+
+def test_a_dying_child_fails_its_requests_and_is_replaced(weights_dir: Path) -> None:
     server = start_server(weights_dir, engine_mode="process", models=["tiny-class"])
     try:
         engine = server.engine
+        first = engine._proc.pid
         with server.client() as c:
-            job = c.post("/v1/jobs", json={**CLASS, "seed": 1, "num_inference_steps": 900}).json()
-            deadline = time.monotonic() + 30
-            while c.get(f"/v1/jobs/{job['id']}").json()["status"] != "running":
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-            os.kill(engine._proc.pid, signal.SIGKILL)
-            deadline = time.monotonic() + 30
-            while (info := c.get(f"/v1/jobs/{job['id']}").json())["status"] != "failed":
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            job_id = _start_long_job(c)
+            os.kill(first, signal.SIGKILL)
+            info = _wait_failed(c, job_id)
             assert info["error"]["status_code"] == 500 and info["error"]["error_id"]
             assert "engine process exited" in info["error"]["message"]
-            assert c.get("/health/ready").status_code == 503
-            r = c.post("/generate", json=CLASS)
-            assert r.status_code == 503 and "Traceback" not in r.text
+            r = c.post("/generate", json=CLASS)  # while the new engine loads (or already serves)
+            assert r.status_code in (200, 503) and "Traceback" not in r.text
+            if r.status_code == 503:
+                assert "restarting" in r.json()["message"]
+            deadline = time.monotonic() + 60
+            while c.get("/health/ready").status_code != 200:
+                assert time.monotonic() < deadline, "no new engine process"
+                time.sleep(0.05)
+            assert engine._proc.pid != first and engine._proc.is_alive()
+            assert c.post("/generate", json={**CLASS, "seed": 4}).status_code == 200
             assert metric(c.get("/metrics").text, "unet_server_engine_errors_total") >= 1
+    finally:
+        server.stop()
+    assert not engine._proc.is_alive()
+
+
+def test_a_child_that_keeps_dying_stays_down(weights_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.engine_process as ep
+
+    monkeypatch.setattr(ep, "MAX_RESTARTS", 0)
+    server = start_server(weights_dir, engine_mode="process", models=["tiny-class"])
+    try:
+        with server.client() as c:
+            job_id = _start_long_job(c)
+            os.kill(server.engine._proc.pid, signal.SIGKILL)
+            _wait_failed(c, job_id)
+            r = c.get("/health/ready")
+            assert r.status_code == 503 and r.json()["status"] == "failed"
+            assert "not restarting" in r.json()["error"]
+            r = c.post("/generate", json=CLASS)
+            assert r.status_code == 503 and "engine is down" in r.json()["message"]
     finally:
         server.stop()
 
