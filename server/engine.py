@@ -4,8 +4,10 @@ Requests are submitted from the event loop (``submit`` is cheap: it only admits 
 scheduler, or raises ``QueueFull``); the loop thread prepares a request (prompt encoding, initial noise,
 sampler states) at its first step, so the device is touched by this thread only. New requests join at
 the next step and finished ones leave (step-level continuous batching). Events (started, progress,
-completed, failed, cancelled) go back to the event loop with ``call_soon_threadsafe``, batched: one call per
-step for all its jobs' progress (each call wakes the loop and costs both threads a GIL hand-over);
+completed, failed) go to an events sink: ``EngineEvents`` hands them to the event loop with
+``call_soon_threadsafe``, batched: one call per step for all its jobs' progress (each call wakes the loop
+and costs both threads a GIL hand-over); in an engine process (``server.engine_process``) ``PipeEvents``
+sends them to the server process instead, one message per loop iteration.
 PNG encoding never runs on the engine thread: small results are encoded on the event loop, large ones in
 the thread pool (``INLINE_PNG_MAX_BYTES``).
 On CUDA the engine never waits for the device inside a step: finished images are copied to host memory
@@ -249,7 +251,7 @@ class EngineEvents:
         self._call(fail_task, task, status, message, error_id)
 
     def flush(self) -> None:
-        """End of one engine-loop iteration (batching transports send here)."""
+        """Once per engine-loop iteration, before the loop may wait (batching transports send here)."""
 
 
 class Engine:
