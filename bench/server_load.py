@@ -46,6 +46,7 @@ METRICS = {
     "rows": "unet_server_rows_per_forward",
     "padded": "unet_server_padded_rows_per_forward",
     "step_s": "unet_server_forward_duration_seconds",
+    "queue_s": "unet_server_queue_wait_seconds",  # arrival to first forward pass (one model per run)
 }
 
 
@@ -166,6 +167,7 @@ def metric_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str
         "rows_per_fwd": mean("rows"),
         "padded_per_fwd": mean("padded"),
         "step_ms": 1e3 * mean("step_s"),
+        "queue_ms": 1e3 * mean("queue_s"),
     }
 
 
@@ -529,6 +531,8 @@ COLUMNS = [
     "img_s",
     "p50_ms",
     "p99_ms",
+    "mean_ms",
+    "queue_ms",
     "rows_per_fwd",
     "padded_per_fwd",
     "step_ms",
@@ -599,11 +603,9 @@ def main(argv: list[str] | None = None) -> None:
     all_rows: list[dict[str, Any]] = []
     infos = []
     configs = []
-    variants = [
-        dict(kv.split("=", 1) for kv in v.split(",") if kv.strip())
-        for v in args.variants.split(";")
-        if v.strip()
-    ] or [{}]
+    # key=value pairs; a value may itself hold commas (batch_buckets=4,8,16,64,96,128)
+    variants = [dict(re.findall(r"(\w+)=(.*?)(?=,\w+=|$)", v.strip())) for v in args.variants.split(";")]
+    variants = [v for v in variants if v] or [{}]
     if "batched" not in skip:
         for i, variant in enumerate(variants):
             flags = {**common_flags, "max_batch_rows": args.max_rows}
