@@ -63,13 +63,20 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
 
-def new_task(request: ResolvedRequest, endpoint: str, is_job: bool) -> Task:
+def new_task(
+    request: ResolvedRequest,
+    endpoint: str,
+    is_job: bool,
+    task_id: str | None = None,
+    created: float | None = None,
+) -> Task:
+    """A fresh Task; an engine process passes the id and arrival time its server process gave it."""
     return Task(
-        id=new_id("job" if is_job else "gen"),
+        id=task_id or new_id("job" if is_job else "gen"),
         request=request,
         endpoint=endpoint,
         is_job=is_job,
-        created=time.monotonic(),
+        created=time.monotonic() if created is None else created,
         created_wall=time.time(),
         total_steps=request.num_inference_steps,
     )
@@ -275,7 +282,6 @@ class Engine:
         self.max_finished_jobs = max_finished_jobs
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
         self._stop = False
         self.steps_run = 0
@@ -287,7 +293,6 @@ class Engine:
 
     def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
         """Start the loop thread; events go to ``loop`` unless an events sink was given."""
-        self._loop = loop
         if self.events is None:
             self.events = EngineEvents(self, loop)
         self._accepting = True

@@ -205,15 +205,7 @@ def child_main(conn: Any, settings: Settings, text_encoder_loader: Callable[...,
         kind = message[0]
         if kind == "submit":
             _, task_id, request, endpoint, is_job, created, timeout = message
-            task = Task(
-                id=task_id,
-                request=request,
-                endpoint=endpoint,
-                is_job=is_job,
-                created=created,
-                created_wall=0.0,
-                total_steps=request.num_inference_steps,
-            )
+            task = new_task(request, endpoint, is_job, task_id=task_id, created=created)
             try:
                 engine.admit(task, timeout)
             except QueueFull:
@@ -384,12 +376,7 @@ class EngineProcess:
 
     def queue_position(self, task_id: str) -> int | None:
         """How many waiting requests arrived before this one (as far as the child has reported starts)."""
-        if task_id not in self._queued:
-            return None
-        for i, key in enumerate(self._queued):
-            if key == task_id:
-                return i
-        return None
+        return list(self._queued).index(task_id) if task_id in self._queued else None
 
     def retry_after(self) -> int:
         return max(1, min(60, int(len(self._queued) * self._forward_ewma) + 1))

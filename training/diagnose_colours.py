@@ -57,6 +57,20 @@ V1_WORDS_PER_COLOUR = 3  # the shipped v1 weights were trained on the first 3 wo
 ADDED_WORDS = {c: ws[V1_WORDS_PER_COLOUR:] for c, ws in COLOUR_WORDS.items()}
 
 
+def at_defaults(unet, sched, meta: dict, seeds: list[int], context: torch.Tensor, uncond: torch.Tensor):
+    """``evaluate.generate`` at the model's shipped defaults (``meta``: its unet_server.json defaults)."""
+    return generate(
+        unet,
+        sched,
+        meta["sampler"],
+        meta["num_inference_steps"],
+        meta["guidance_scale"],
+        seeds,
+        context=context,
+        uncond=uncond,
+    )
+
+
 def added_sets(added: str) -> tuple[dict[str, list[str]], dict[str, list[str]], str]:
     """(words added, the old model's training words, group-key stem) per colour for `--added`:
     "v1": the 7 words per colour added after v1 (old: its 3 words); "xkcd": the XKCD names (old: the 10)."""
@@ -189,16 +203,7 @@ def compare_added_words(
     }
     for key, (unet, sched, meta, sha) in models.items():
         t0 = time.monotonic()
-        imgs = generate(
-            unet,
-            sched,
-            meta["sampler"],
-            meta["num_inference_steps"],
-            meta["guidance_scale"],
-            seeds,
-            context=context,
-            uncond=text.uncond,
-        )
+        imgs = at_defaults(unet, sched, meta, seeds, context, text.uncond)
         pred = judge(imgs)
         ok = pred == target
         per_word_rows = {}
@@ -320,16 +325,7 @@ def main(argv: list[str] | None = None) -> None:
             classes = [k for k in range(10) for _ in range(cfg.per_class)]
             prompts = [prompt_forms(colour, k)[form] for k in classes]
             seeds = [1_000_000 + 1000 * j + 100 * f_i + i for i in range(len(prompts))]
-            imgs = generate(
-                unet,
-                sched,
-                meta["sampler"],
-                meta["num_inference_steps"],
-                meta["guidance_scale"],
-                seeds,
-                context=text(prompts),
-                uncond=text.uncond,
-            )
+            imgs = at_defaults(unet, sched, meta, seeds, text(prompts), text.uncond)
             rows.append(imgs)
             pred = judge(imgs)
             feats = colour_features(imgs)  # (N, 4): rgb / max, max
