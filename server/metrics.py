@@ -49,6 +49,14 @@ class Metrics:
         self.queue_size = Gauge(
             "unet_server_queue_size", "Admitted requests not yet in any forward pass.", registry=r
         )
+        # Rows (images x CFG halves), not requests: a row is the unit of GPU work, so this grows in
+        # proportion to load below saturation too, which a proportional autoscaler needs (the queue is
+        # ~0 until a pod saturates). deploy/helm's HPA targets its per-pod average.
+        self.outstanding_rows = Gauge(
+            "unet_server_outstanding_rows",
+            "Rows of admitted requests, waiting and running; the load signal for autoscaling.",
+            registry=r,
+        )
         self.running_requests = Gauge(
             "unet_server_running_requests", "Requests sampling now (started, not finished).", registry=r
         )
