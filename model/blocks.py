@@ -28,13 +28,14 @@ class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-conv twice with the time embedding injected between; 1x1 skip conv if channels change.
 
     x (B, Cin, H, W), emb (B, T) -> (B, Cout, H, W). `scale_shift`: AdaGN, norm2(h) * (1 + s) + b.
+    `temb_channels=None` (the VAE's resnets): no time injection, no `time_emb_proj`, emb must be None.
     """
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        temb_channels: int,
+        temb_channels: int | None,
         groups: int,
         eps: float,
         dropout: float = 0.0,
@@ -45,20 +46,24 @@ class ResnetBlock2D(nn.Module):
         self.scale_shift, self.output_scale_factor = scale_shift, output_scale_factor
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels * (2 if scale_shift else 1))
+        self.time_emb_proj = None
+        if temb_channels is not None:
+            self.time_emb_proj = nn.Linear(temb_channels, out_channels * (2 if scale_shift else 1))
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        t = self.time_emb_proj(F.silu(emb))[:, :, None, None]  # (B, Cout or 2*Cout, 1, 1)
-        if self.scale_shift:
+        if self.time_emb_proj is None:
+            h = self.norm2(h)
+        elif self.scale_shift:
+            t = self.time_emb_proj(F.silu(emb))[:, :, None, None]  # (B, 2*Cout, 1, 1)
             scale, shift = t.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
-            h = self.norm2(h + t)
+            h = self.norm2(h + self.time_emb_proj(F.silu(emb))[:, :, None, None])  # t: (B, Cout, 1, 1)
         h = self.conv2(self.dropout(F.silu(h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)

@@ -1,7 +1,8 @@
 """Model configs: frozen dataclasses whose field names are diffusers' config.json names.
 
 `UNetConfig` covers diffusers `UNet2DModel` (pixel U-Net, optional class labels) and
-`UNet2DConditionModel` (cross-attention to a context sequence); `ControlNetConfig` covers `ControlNetModel`.
+`UNet2DConditionModel` (cross-attention to a context sequence); `ControlNetConfig` covers `ControlNetModel`;
+`VAEConfig` covers `AutoencoderKL` (the latent autoencoder of Stable Diffusion pipelines).
 `from_dict` reads a diffusers config.json dict (missing keys take that class's diffusers default) and
 rejects what we do not implement with an error naming the field; `to_dict` writes one diffusers loads.
 """
@@ -160,7 +161,8 @@ def _split_dict(d: dict[str, Any], known: set[str], class_name: str) -> dict[str
         if k in known:
             kwargs[k] = v
         elif k in _FIXED:
-            if v != _FIXED[k]:
+            # per-block lists (only_cross_attention: [false, false, ...]) at the default everywhere are fine
+            if v != _FIXED[k] and not (isinstance(v, tuple) and v and all(x == _FIXED[k] for x in v)):
                 raise ValueError(
                     f"{class_name} config field {k}={v!r} is not supported "
                     f"(only {_FIXED[k]!r} is implemented)"
@@ -374,6 +376,92 @@ class ControlNetConfig:
     def to_dict(self) -> dict[str, Any]:
         """A diffusers config.json dict (with `_class_name`)."""
         out: dict[str, Any] = {"_class_name": CONTROLNET}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+AUTOENCODER_KL = "AutoencoderKL"
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """A diffusers `AutoencoderKL` config (vae/config.json of a Stable Diffusion pipeline folder).
+
+    Latent convention (as diffusers' pipelines): the U-Net samples latents z_u = (z - shift_factor) *
+    scaling_factor, where z is the autoencoder's latent; decoding undoes it first.
+    """
+
+    in_channels: int = 3  # image channels into the encoder
+    out_channels: int = 3  # image channels out of the decoder
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)  # encoder blocks, one per resolution
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)  # decoder blocks, one per resolution
+    block_out_channels: tuple[int, ...] = (64,)  # channels per resolution (encoder order)
+    layers_per_block: int = 1  # resnets per encoder block (decoder blocks have one more)
+    act_fn: str = "silu"  # nonlinearity (silu only)
+    latent_channels: int = 4  # channels of z
+    norm_num_groups: int = 32  # GroupNorm groups everywhere (eps is fixed at 1e-6, as diffusers)
+    sample_size: int | tuple[int, ...] = 32  # training image size (diffusers' tiling threshold; metadata)
+    scaling_factor: float = 0.18215  # latents the U-Net sees are (z - shift_factor) * scaling_factor
+    shift_factor: float | None = None  # None = 0 (SD 1.x/2.x); SD3/Flux VAEs set it
+    latents_mean: tuple[float, ...] | None = None  # SDXL-style per-channel stats (metadata: not applied)
+    latents_std: tuple[float, ...] | None = None  # (StableDiffusionPipeline ignores them too)
+    force_upcast: bool = True  # the VAE overflows in fp16: run it in fp32 (diffusers' flag)
+    use_quant_conv: bool = True  # 1x1 conv on the encoder's moments
+    use_post_quant_conv: bool = True  # 1x1 conv on z before the decoder
+    mid_block_add_attention: bool = True  # self-attention in both mid blocks
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _tuple(getattr(self, f.name)))
+        for b in self.down_block_types:
+            if b != "DownEncoderBlock2D":
+                raise ValueError(
+                    f"unsupported down block type {b!r} in {AUTOENCODER_KL} down_block_types; "
+                    "supported: DownEncoderBlock2D"
+                )
+        for b in self.up_block_types:
+            if b != "UpDecoderBlock2D":
+                raise ValueError(
+                    f"unsupported up block type {b!r} in {AUTOENCODER_KL} up_block_types; "
+                    "supported: UpDecoderBlock2D"
+                )
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(
+                f"{AUTOENCODER_KL}: down_block_types ({len(self.down_block_types)}), up_block_types "
+                f"({len(self.up_block_types)}) and block_out_channels ({n}) must have the same length"
+            )
+        if self.act_fn not in _ACT_FNS:
+            raise ValueError(f"unsupported act_fn {self.act_fn!r}; supported: {', '.join(_ACT_FNS)}")
+        if not self.scaling_factor > 0:
+            raise ValueError(f"scaling_factor must be positive, got {self.scaling_factor}")
+
+    @property
+    def scale_factor(self) -> int:
+        """Image pixels per latent pixel along each side (8 for SD: three downsamplings)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
+        """Read a diffusers AutoencoderKL config.json dict; unknown fields are an error naming them."""
+        class_name = d.get("_class_name", AUTOENCODER_KL)
+        if class_name != AUTOENCODER_KL:
+            raise ValueError(f"unsupported VAE class {class_name!r}; supported: {AUTOENCODER_KL}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for k, v in d.items():
+            if k.startswith("_"):
+                continue
+            if k not in known:
+                raise ValueError(f"unknown {AUTOENCODER_KL} config field {k!r}")
+            kwargs[k] = v
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A diffusers config.json dict (with `_class_name`)."""
+        out: dict[str, Any] = {"_class_name": AUTOENCODER_KL}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             out[f.name] = list(v) if isinstance(v, tuple) else v

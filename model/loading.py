@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from model.attention import head_dims, select_backend, set_attention_backend
-from model.config import CONTROLNET, ControlNetConfig, UNetConfig
+from model.config import CONTROLNET, ControlNetConfig, UNetConfig, VAEConfig
 from model.controlnet import ControlNet
 from model.unet import UNet
+from model.vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,10 @@ class WeightsError(ValueError):
 def _refuse_pickle(path: Path) -> WeightsError:
     return WeightsError(
         f"refusing to load {path}: pickle checkpoints ({'/'.join(PICKLE_SUFFIXES)}) are unsafe — unpickling "
-        "can execute arbitrary code. Only safetensors is accepted; convert the checkpoint to "
-        f"{WEIGHTS_NAME} in a sandbox first."
+        "can execute arbitrary code. Only safetensors is accepted; convert it in a sandbox first, e.g. "
+        "`Pipeline.from_pretrained(path).save_pretrained(out, safe_serialization=True)` with diffusers (or "
+        "`model.save_pretrained(out, safe_serialization=True)` for one component), or the Hub's "
+        "`convert` space (https://huggingface.co/spaces/safetensors/convert)."
     )
 
 
@@ -74,26 +77,75 @@ def read_config(path: str | Path) -> dict:
     return d
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a model folder (single file or the shards named by the index)."""
-    single, index = folder / WEIGHTS_NAME, folder / INDEX_NAME
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise WeightsError(f"{index} has no weight_map")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        for f in files:
-            if f.suffix.lower() in PICKLE_SUFFIXES:
-                raise _refuse_pickle(f)
-            if not f.is_file():
-                raise WeightsError(f"{index} names {f.name}, which is missing")
-        return files
+def _index_files(folder: Path, index: Path) -> list[Path]:
+    """The shard files an index.json names (all present, none a pickle)."""
+    weight_map = json.loads(index.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise WeightsError(f"{index} has no weight_map")
+    files = [folder / name for name in sorted(set(weight_map.values()))]
+    for f in files:
+        if f.suffix.lower() in PICKLE_SUFFIXES:
+            raise _refuse_pickle(f)
+        if not f.is_file():
+            raise WeightsError(f"{index} names {f.name}, which is missing")
+    return files
+
+
+def _variants(folder: Path, stem: str) -> list[str]:
+    """Weight variants present in `folder` (e.g. ["fp16"]) for `stem`, fp16 first."""
+    found = set()
+    for p in folder.glob(f"{stem}.*.safetensors"):
+        found.add(p.name[len(stem) + 1 : -len(".safetensors")])
+    for p in folder.glob(f"{stem}.safetensors.index.*.json"):
+        found.add(p.name[len(stem) + len(".safetensors.index.") : -len(".json")])
+    found.discard("")
+    return sorted(found, key=lambda v: (v != "fp16", v))
+
+
+def find_weights(
+    folder: str | Path, stem: str = "diffusion_pytorch_model", variant: str | None = None
+) -> tuple[list[Path], str | None]:
+    """The safetensors files of one model folder and the variant they are: (files, variant or None).
+
+    Looks for ``{stem}.safetensors`` or a sharded ``{stem}.safetensors.index.json``, and diffusers'
+    variants ``{stem}.{variant}.safetensors`` / ``{stem}.safetensors.index.{variant}.json`` (e.g. fp16).
+    ``variant`` given: that variant first, then the plain files; None: the plain files first, then any
+    variant present (fp16 preferred). A folder with only pickle files (.bin/.ckpt/...) is refused with a
+    message saying how to convert it; nothing is ever unpickled.
+    """
+    folder = Path(folder)
+
+    def plain() -> list[Path] | None:
+        single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+        if single.is_file():
+            return [single]
+        return _index_files(folder, index) if index.is_file() else None
+
+    def of(v: str) -> list[Path] | None:
+        single, index = folder / f"{stem}.{v}.safetensors", folder / f"{stem}.safetensors.index.{v}.json"
+        if single.is_file():
+            return [single]
+        return _index_files(folder, index) if index.is_file() else None
+
+    order: list[str | None] = [variant, None] if variant else [None, *_variants(folder, stem)]
+    for v in order:
+        files = of(v) if v else plain()
+        if files:
+            return files, v
     pickles = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise _refuse_pickle(pickles[0])
-    raise WeightsError(f"{folder} is not a model folder: no {WEIGHTS_NAME} or {INDEX_NAME}")
+    raise WeightsError(
+        f"{folder} is not a model folder: no {stem}.safetensors or {stem}.safetensors.index.json"
+    )
+
+
+def _weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors files of a diffusers model folder (single file, shards of an index, or a variant)."""
+    files, found = find_weights(folder, "diffusion_pytorch_model", variant)
+    if found:
+        log.info("%s: loading the %s weights variant", folder, found)
+    return files
 
 
 def _rename_legacy(key: str) -> str:
@@ -125,16 +177,17 @@ def _check_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]], where: Pat
 
 def _load(
     model_cls: type[nn.Module],
-    config: UNetConfig | ControlNetConfig,
+    config: UNetConfig | ControlNetConfig | VAEConfig,
     folder: Path,
     device: torch.device | str | None,
     dtype: torch.dtype | None,
     attention_backend: str | None,
+    variant: str | None = None,
 ) -> nn.Module:
     device = torch.device(device if device is not None else "cpu")
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    files = _weight_files(folder)
+    files = _weight_files(folder, variant)
     with torch.device("meta"):
         model = model_cls(config)
     # Read shapes first so a bad file fails before any tensor is copied.
@@ -175,18 +228,20 @@ def load_unet(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     attention_backend: str | None = None,
+    variant: str | None = None,
 ) -> UNet:
     """Load a diffusers UNet2DModel / UNet2DConditionModel folder as an eval-mode `UNet`.
 
     device default CPU; dtype default fp16 on CUDA, fp32 elsewhere; channels_last on CUDA.
     attention_backend: force "xformers" | "sdpa" | "math" (raises if it cannot run); None picks the first
-    that works. The choice is in `unet.attention_backend`.
+    that works. The choice is in `unet.attention_backend`. variant: weights variant to prefer ("fp16"; see
+    `find_weights`: without one the plain file is used, else any variant present).
     """
     folder = Path(path)
     d = read_config(folder)
     if d.get("_class_name") == CONTROLNET:
         raise WeightsError(f"{folder} holds a ControlNetModel; use load_controlnet")
-    return _load(UNet, UNetConfig.from_dict(d), folder, device, dtype, attention_backend)
+    return _load(UNet, UNetConfig.from_dict(d), folder, device, dtype, attention_backend, variant)
 
 
 def load_controlnet(
@@ -194,17 +249,39 @@ def load_controlnet(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     attention_backend: str | None = None,
+    variant: str | None = None,
 ) -> ControlNet:
     """Load a diffusers ControlNetModel folder as an eval-mode `ControlNet` (conventions as load_unet)."""
     folder = Path(path)
-    return _load(
-        ControlNet, ControlNetConfig.from_dict(read_config(folder)), folder, device, dtype, attention_backend
-    )
+    cfg = ControlNetConfig.from_dict(read_config(folder))
+    return _load(ControlNet, cfg, folder, device, dtype, attention_backend, variant)
 
 
-def save_pretrained(module: UNet | ControlNet, path: str | Path, max_shard_size: int | None = None) -> Path:
+def load_vae(
+    path: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    attention_backend: str | None = None,
+    variant: str | None = None,
+) -> AutoencoderKL:
+    """Load a diffusers AutoencoderKL folder (a pipeline's vae/) as an eval-mode `AutoencoderKL`.
+
+    dtype default: fp32 on CPU; on CUDA fp32 when the config sets `force_upcast` (diffusers' default: the SD
+    VAE's activations overflow fp16 at large sizes), else fp16. Other conventions as load_unet.
+    """
+    folder = Path(path)
+    cfg = VAEConfig.from_dict(read_config(folder))
+    device = torch.device(device if device is not None else "cpu")
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" and not cfg.force_upcast else torch.float32
+    return _load(AutoencoderKL, cfg, folder, device, dtype, attention_backend, variant)
+
+
+def save_pretrained(
+    module: UNet | ControlNet | AutoencoderKL, path: str | Path, max_shard_size: int | None = None
+) -> Path:
     """Write config.json + diffusion_pytorch_model.safetensors (sharded with an index when the weights
-    exceed `max_shard_size` bytes), loadable by diffusers' from_pretrained and load_unet/load_controlnet."""
+    exceed `max_shard_size` bytes), loadable by diffusers' from_pretrained and load_unet/controlnet/vae."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("diffusion_pytorch_model*.safetensors*"):
