@@ -6,17 +6,13 @@ CPU and GPU and whatever other requests share the batch (or the order their rows
 
 from __future__ import annotations
 
-import secrets
-
 import torch
 
+from model.seeds import MAX_SEED, random_seed
+
+__all__ = ["MAX_SEED", "RequestNoise", "draw_step_noise", "random_seed"]
+
 Shape = tuple[int, ...] | torch.Size
-MAX_SEED = 2**32 - 1  # 32-bit seeds, like A1111; safe as a JSON number in every client
-
-
-def random_seed() -> int:
-    """A fresh seed in [0, MAX_SEED] from the OS entropy pool (not from torch's global generator)."""
-    return secrets.randbelow(MAX_SEED + 1)
 
 
 class RequestNoise:

@@ -1,6 +1,11 @@
-"""A model folder (diffusers layout + unet_server.json) -> Pipeline: U-Net, schedule, encoders, metadata.
+"""A model -> Pipeline: U-Net, schedule, encoders, VAE, metadata. Two kinds of model folder are served.
 
-Folder layout (docs/CONTRACTS.md, "Shipped model folders")::
+1. A standard diffusers pipeline folder (model_index.json naming StableDiffusionPipeline; see
+   model.pipeline_folder): latent diffusion with a VAE and a CLIP text encoder read from the folder.
+   No unet_server.json is needed; when one is present its keys override the derived metadata (its
+   ``defaults`` key by key). A hub id (``org/name``) resolves to such a folder in the Hugging Face cache
+   (model.hub); the model's name is then the hub id.
+2. Our own folders (docs/CONTRACTS.md, "Shipped model folders")::
 
     <weights_dir>/<name>/unet_server.json          our metadata (kind, classes, control, defaults)
     <weights_dir>/<name>/unet/                     config.json + diffusion_pytorch_model.safetensors
@@ -8,7 +13,11 @@ Folder layout (docs/CONTRACTS.md, "Shipped model folders")::
     <weights_dir>/<name>/controlnet/               ControlNet folders only
 
 A ControlNet folder names its ``base_model``; it reuses that model's U-Net *instance* and schedule, so rows
-of both share one forward pass. Every path read is confined to ``weights_dir`` (symlinks resolved).
+of both share one forward pass. Every path read is confined to ``weights_dir`` (a hub snapshot: to its
+repository folder in the cache), symlinks resolved.
+
+Latent and pixel models look the same to the engine: it samples `latent_shape(height, width)` and, when
+``vae`` is set, decodes the result with ``vae.decode`` (scaled latents -> images in [-1, 1]).
 """
 
 from __future__ import annotations
@@ -23,6 +32,16 @@ from typing import Any
 
 import torch
 
+from model.pipeline_folder import (
+    MODEL_INDEX,
+    SERVED_PIPELINES,
+    PipelineError,
+    PipelineFolder,
+    model_index_class,
+    pipeline_defaults,
+    read_pipeline_folder,
+)
+
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "unet_server.json"
@@ -30,9 +49,16 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 TextEncoderLoader = Callable[[torch.device, torch.dtype], Any]
 
-
-class PipelineError(ValueError):
-    """A model folder is missing, malformed or outside the weights directory."""
+__all__ = [
+    "Defaults",
+    "Pipeline",
+    "PipelineError",
+    "compile_pipelines",
+    "list_models",
+    "load_pipelines",
+    "model_folder",
+    "read_metadata",
+]
 
 
 @dataclass(frozen=True)
@@ -48,28 +74,60 @@ class Defaults:
 
 @dataclass(eq=False)
 class Pipeline:
-    """Everything needed to sample one model; ``unet`` may be shared with a base model (ControlNet)."""
+    """Everything needed to sample one model; ``unet`` may be shared with a base model (ControlNet).
 
-    name: str
-    path: Path
+    Shapes: the sampler works on (N, latent_channels, height // vae_scale_factor, width // vae_scale_factor)
+    (`latent_shape`); pixel models have ``vae=None``, ``vae_scale_factor=1`` and latent = image channels.
+    """
+
+    name: str  # the model id requests use (folder name, or hub id "org/name")
+    path: Path  # the folder it was loaded from (a hub snapshot folder for hub ids)
     kind: str  # "class" | "text"
     unet: torch.nn.Module
     schedule: Any  # model.schedules.Schedule
     denoiser: Any  # model.denoiser.Denoiser (with the ControlNet when there is one)
     defaults: Defaults
-    image_channels: int
-    sample_size: int
+    image_channels: int  # channels of the output image (3 for SD)
+    sample_size: int  # native image size in pixels (SD 1.5: 64 latent x 8 = 512)
     controlnet: torch.nn.Module | None = None
-    text_encoder: Any = None  # model.text_encoder.TextEncoder, shared by every text model
+    text_encoder: Any = None  # TextEncoder (shared MiniLM) or model.clip_text.CLIPTextEncoder (per folder)
     class_names: list[str] | None = None
     null_class_label: int | None = None
     control: dict[str, Any] | None = None  # {"type": "edges", "channels": 1}
     base_model: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    vae: Any = None  # model.vae.AutoencoderKL for latent models, None for pixel models
+    latent_channels: int | None = None  # channels the U-Net samples (None: image_channels)
+    vae_scale_factor: int = 1  # image pixels per latent pixel (8 for SD; 1 for pixel models)
+    pipeline_class: str | None = None  # diffusers class of a pipeline folder ("StableDiffusionPipeline")
+
+    def __post_init__(self) -> None:
+        if self.latent_channels is None:
+            self.latent_channels = self.image_channels
+
+    @property
+    def is_latent(self) -> bool:
+        """True when the sampler works in a VAE's latent space (decode the result with ``vae.decode``)."""
+        return self.vae is not None
+
+    @property
+    def latent_size(self) -> int:
+        """Native size in latent pixels (the U-Net's sample_size for SD)."""
+        return self.sample_size // self.vae_scale_factor
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) the sampler works on for an image of height x width pixels (one row)."""
+        f = self.vae_scale_factor
+        if height % f or width % f:
+            raise ValueError(f"{height}x{width} is not a multiple of the latent factor {f}")
+        return (self.latent_channels, height // f, width // f)
 
     @property
     def size_multiple(self) -> int:
-        """Width and height must be multiples of this (2 ** number of downsamplings)."""
+        """Width and height must be multiples of this: the VAE factor for latent models (the U-Net takes any
+        latent size, as diffusers'), 2 ** (number of downsamplings) for pixel models."""
+        if self.vae is not None:
+            return self.vae_scale_factor
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     @property
@@ -89,32 +147,109 @@ def _confined(root: Path, *parts: str) -> Path:
     return path
 
 
+def _is_pipeline_folder(folder: Path) -> bool:
+    return model_index_class(folder) in SERVED_PIPELINES
+
+
 def list_models(weights_dir: str | Path) -> list[str]:
-    """Names of the model folders (those holding unet_server.json) in ``weights_dir``, sorted."""
+    """Names of the model folders in ``weights_dir``, sorted: those holding unet_server.json and diffusers
+    pipeline folders of a served class (model_index.json)."""
     root = Path(weights_dir).resolve()
     if not root.is_dir():
         return []
     return sorted(
-        p.name for p in root.iterdir() if _NAME_RE.match(p.name) and (p / METADATA_FILE).is_file()
+        p.name
+        for p in root.iterdir()
+        if _NAME_RE.match(p.name) and ((p / METADATA_FILE).is_file() or _is_pipeline_folder(p))
     )
 
 
-def read_metadata(weights_dir: str | Path, name: str) -> dict[str, Any]:
-    """The parsed unet_server.json of ``name``; raises PipelineError with the reason."""
-    if not _NAME_RE.match(name):
-        raise PipelineError(f"invalid model name {name!r}")
+def model_folder(weights_dir: str | Path, name: str, variant: str | None = None) -> tuple[Path, Path]:
+    """(folder, confinement root) of model ``name``: ``weights_dir/name``, or for a hub id ``org/name`` not
+    present there, its snapshot folder in the hub cache (fetched unless offline; model.hub)."""
+    from model.hub import HubError, is_hub_id, repo_folder, resolve_hub_id
+
     root = Path(weights_dir).resolve()
-    folder = _confined(root, name)
-    meta_path = _confined(root, name, METADATA_FILE)
-    if not meta_path.is_file():
-        raise PipelineError(f"{folder} has no {METADATA_FILE}")
+    if _NAME_RE.match(name):
+        return _confined(root, name), root
+    if not is_hub_id(name):
+        raise PipelineError(
+            f"invalid model name {name!r} (a folder name in the weights directory or a hub id 'org/name')"
+        )
+    if (root / name).is_dir():  # a hub id already copied into the weights directory
+        return _confined(root, *name.split("/")), root
     try:
-        meta = json.loads(meta_path.read_text())
+        snapshot = resolve_hub_id(name, variant=variant)
+    except HubError as exc:
+        raise PipelineError(str(exc)) from exc
+    repo_root = repo_folder(name, snapshot.parents[1]).resolve()
+    return _confined(repo_root, "snapshots", snapshot.name), repo_root
+
+
+def _inside(folder: Path, root: Path, *parts: str) -> Path:
+    """``folder/parts`` confined to ``root`` (symlinks resolved)."""
+    return _confined(root, *folder.relative_to(root).parts, *parts)
+
+
+def _check_confined(pf: PipelineFolder, root: Path) -> None:
+    """Every file of the components we load stays inside ``root`` (hub snapshots link into blobs/)."""
+    _inside(pf.path, root, MODEL_INDEX)
+    for comp in pf.components:
+        for p in _inside(pf.path, root, comp).iterdir():
+            _inside(pf.path, root, comp, p.name)
+
+
+def _read_overrides(folder: Path, root: Path) -> dict[str, Any] | None:
+    path = _inside(folder, root, METADATA_FILE)
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise PipelineError(f"{meta_path}: invalid JSON ({exc})") from exc
-    if meta.get("kind") not in ("class", "text"):
-        raise PipelineError(f"{meta_path}: kind must be 'class' or 'text', got {meta.get('kind')!r}")
+        raise PipelineError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise PipelineError(f"{path}: not a JSON object")
     return meta
+
+
+def read_metadata(weights_dir: str | Path, name: str, variant: str | None = None) -> dict[str, Any]:
+    """The metadata of ``name`` (unet_server.json's schema); raises PipelineError with the reason.
+
+    Our folders: their unet_server.json. Diffusers pipeline folders: derived from the folder (kind "text",
+    defaults from the scheduler, native size), then overridden by a unet_server.json if there is one; the
+    key ``pipeline_class`` holds the diffusers class.
+    """
+    folder, root = model_folder(weights_dir, name, variant)
+    if not folder.is_dir():
+        raise PipelineError(f"model folder {folder} does not exist")
+    overrides = _read_overrides(folder, root)
+    pipeline_class = model_index_class(folder)
+    if pipeline_class in SERVED_PIPELINES:
+        pf = read_pipeline_folder(folder, variant)
+        _check_confined(pf, root)
+        meta: dict[str, Any] = {
+            "kind": "text",
+            "pipeline_class": pf.class_name,
+            "image_channels": int(pf.vae_config.get("out_channels", 3)),
+            "sample_size": pf.native_size,
+            "defaults": pipeline_defaults(pf),
+        }
+        for k, v in (overrides or {}).items():
+            meta[k] = {**meta["defaults"], **v} if k == "defaults" and isinstance(v, dict) else v
+        if meta.get("kind") != "text" or meta.get("base_model") or meta.get("control"):
+            raise PipelineError(
+                f"{folder / METADATA_FILE}: a {pf.class_name} folder is a text model without base_model or "
+                "control; only defaults, sample_size, clip_skip and descriptive keys can be overridden"
+            )
+        return meta
+    if overrides is None:
+        if (folder / MODEL_INDEX).is_file():
+            read_pipeline_folder(folder)  # raises: the class is not served (named, with what is)
+        raise PipelineError(f"{folder} has no {METADATA_FILE} and no {MODEL_INDEX}")
+    meta_path = folder / METADATA_FILE
+    if overrides.get("kind") not in ("class", "text"):
+        raise PipelineError(f"{meta_path}: kind must be 'class' or 'text', got {overrides.get('kind')!r}")
+    return overrides
 
 
 def _defaults(meta: dict[str, Any], sample_size: int) -> Defaults:
@@ -134,17 +269,94 @@ def _default_text_encoder(device: torch.device, dtype: torch.dtype) -> Any:
     return TextEncoder.load(device=device, dtype=dtype)
 
 
+def _vae_dtype(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
+    # fp16 overflows in the SD VAE's activations (diffusers' force_upcast): fp32 then; bf16/fp32 as asked
+    return torch.float32 if dtype == torch.float16 and force_upcast else dtype
+
+
+def _load_diffusers(
+    name: str,
+    folder: Path,
+    root: Path,
+    meta: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    vae_dtype: torch.dtype | None,
+    variant: str | None,
+) -> Pipeline:
+    """A Stable Diffusion pipeline folder (already checked by read_metadata) -> Pipeline."""
+    from model.clip_text import CLIPTextEncoder
+    from model.config import VAEConfig
+    from model.denoiser import Denoiser
+    from model.loading import load_unet, load_vae
+    from model.schedules import Schedule
+
+    pf: PipelineFolder = read_pipeline_folder(folder, variant)
+    _check_confined(pf, root)
+    unet = load_unet(_inside(folder, root, "unet"), device, dtype, variant=pf.variants["unet"])
+    vae_cfg = VAEConfig.from_dict(pf.vae_config)
+    vae = load_vae(
+        _inside(folder, root, "vae"),
+        device,
+        vae_dtype or _vae_dtype(dtype, vae_cfg.force_upcast),
+        variant=pf.variants["vae"],
+    )
+    text_encoder = CLIPTextEncoder.load(
+        _inside(folder, root, "text_encoder"),
+        _inside(folder, root, "tokenizer"),
+        device=device,
+        dtype=dtype,
+        variant=pf.variants["text_encoder"],
+        clip_skip=meta.get("clip_skip"),
+    )
+    if unet.config.in_channels != vae_cfg.latent_channels:
+        raise PipelineError(
+            f"{name}: unet in_channels={unet.config.in_channels} but the VAE has latent_channels="
+            f"{vae_cfg.latent_channels} (an inpainting U-Net? {', '.join(SERVED_PIPELINES)} is text-to-image)"
+        )
+    cross = unet.config.cross_attention_dim
+    if isinstance(cross, int) and cross != text_encoder.hidden_size:
+        raise PipelineError(
+            f"{name}: unet cross_attention_dim={cross} but the text encoder's hidden_size is "
+            f"{text_encoder.hidden_size}"
+        )
+    schedule = Schedule.from_config(pf.scheduler_config)
+    sample_size = int(meta.get("sample_size") or pf.native_size)
+    return Pipeline(
+        name=name,
+        path=folder,
+        kind="text",
+        unet=unet,
+        schedule=schedule,
+        denoiser=Denoiser(unet, schedule),
+        defaults=_defaults(meta, sample_size),
+        image_channels=vae_cfg.out_channels,
+        sample_size=sample_size,
+        text_encoder=text_encoder,
+        metadata=meta,
+        vae=vae,
+        latent_channels=vae_cfg.latent_channels,
+        vae_scale_factor=vae_cfg.scale_factor,
+        pipeline_class=pf.class_name,
+    )
+
+
 def load_pipelines(
     weights_dir: str | Path,
     names: Iterable[str] | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     text_encoder_loader: TextEncoderLoader | None = None,
+    vae_dtype: torch.dtype | None = None,
+    variant: str | None = None,
 ) -> dict[str, Pipeline]:
     """Load ``names`` (default: every model folder) from ``weights_dir``; base models load first and once.
 
-    ``text_encoder_loader(device, dtype)`` builds the one text encoder shared by every text model
-    (default: ``TextEncoder.load``).
+    A name is a folder in ``weights_dir`` or a hub id ``org/name`` (see `model_folder`).
+    ``text_encoder_loader(device, dtype)`` builds the one text encoder shared by every text model of our own
+    folders (default: ``TextEncoder.load``); pipeline folders bring their own CLIP text encoder.
+    ``vae_dtype``: the VAE's dtype (default: ``dtype``, but fp32 instead of fp16 when the VAE config sets
+    force_upcast). ``variant``: weights variant to prefer ("fp16"); by default the plain files, else any.
     """
     from model import load_controlnet, load_unet
     from model.denoiser import Denoiser
@@ -154,13 +366,15 @@ def load_pipelines(
     device = torch.device(device)
     wanted = list(names) if names else list_models(root)
     if not wanted:
-        raise PipelineError(f"no model folders (with {METADATA_FILE}) in {root}")
-    metas = {n: read_metadata(root, n) for n in wanted}
+        raise PipelineError(f"no model folders (with {METADATA_FILE} or {MODEL_INDEX}) in {root}")
+    folders = {n: model_folder(root, n, variant) for n in wanted}
+    metas = {n: read_metadata(root, n, variant) for n in wanted}
     # Base models a ControlNet folder needs, even when not requested (loaded but not served).
     for n in list(metas):
         base = metas[n].get("base_model")
         if base and base not in metas:
-            metas[base] = read_metadata(root, base)
+            folders[base] = model_folder(root, base, variant)
+            metas[base] = read_metadata(root, base, variant)
     loaded: dict[str, Pipeline] = {}
     encoder: list[Any] = []  # the shared text encoder, built on first need
 
@@ -175,10 +389,18 @@ def load_pipelines(
         if n in chain:
             raise PipelineError(f"base_model cycle: {' -> '.join(chain + (n,))}")
         meta = metas[n]
+        folder, froot = folders[n]
+        if meta.get("pipeline_class"):
+            pipe = _load_diffusers(n, folder, froot, meta, device, dtype, vae_dtype, variant)
+            loaded[n] = pipe
+            log.info("loaded model %s (%s from %s)", n, pipe.pipeline_class, folder)
+            return pipe
         base_name = meta.get("base_model")
         controlnet = None
         if base_name:
             base = load(base_name, chain + (n,))
+            if base.vae is not None:
+                raise PipelineError(f"{n}: base_model {base_name} is a pipeline folder (not supported yet)")
             unet, schedule = base.unet, base.schedule  # the SAME instance: rows batch together
         else:
             unet = load_unet(_confined(root, n, "unet"), device=device, dtype=dtype)

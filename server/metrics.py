@@ -90,6 +90,12 @@ class Metrics:
         self.engine_errors_total = Counter(
             "unet_server_engine_errors_total", "Engine steps that raised (their requests failed).", registry=r
         )
+        self.nonfinite_outputs_total = Counter(
+            "unet_server_nonfinite_outputs_total",
+            "Requests failed because the model produced NaN or infinite values (no image was returned).",
+            ["model"],
+            registry=r,
+        )
         # Created by set_gpu_memory_source when the device is CUDA; absent on CPU.
         self.gpu_memory_allocated_bytes: Gauge | None = None
 

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import hmac
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,8 +15,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from server.app import ServerState
-from server.engine import Engine, EngineStopped, QueueFull, Task
+from server.lifecycle import EngineStopped, QueueFull, RequestManager, Task
 from server.metrics import CONTENT_TYPE
 from server.schemas import (
     GenerateRequest,
@@ -34,6 +33,7 @@ from server.schemas import (
     resolve_generate,
     resolve_openai,
 )
+from server.state import ServerState
 
 SSE_KEEPALIVE_SECONDS = 15.0
 _JSON_OVERHEAD = 64 * 1024  # allowance for the non-image fields of a body
@@ -59,13 +59,14 @@ async def require_api_key(request: Request) -> None:
         raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def ready_engine(request: Request) -> Engine:
+async def ready_engine(request: Request) -> RequestManager:
     state = _state(request)
     if not state.ready or state.engine is None:
         raise HTTPException(503, "models are loading; retry shortly", headers={"Retry-After": "5"})
     return state.engine
 
 
+EngineDep = Annotated[RequestManager, Depends(ready_engine)]
 router = APIRouter()
 api = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -143,11 +144,17 @@ async def _resolve(body: GenerateRequest, state: ServerState, control: bytes | N
 
 
 async def _submit(
-    request: Request, engine: Engine, resolved: ResolvedRequest, endpoint: str, timeout: float, is_job: bool
+    request: Request,
+    engine: RequestManager,
+    resolved: ResolvedRequest,
+    endpoint: str,
+    timeout: float,
+    is_job: bool,
+    preview_every: int = 0,
 ) -> Task:
     request.state.model = resolved.model
     try:
-        return engine.submit(resolved, endpoint=endpoint, timeout=timeout, is_job=is_job)
+        return engine.submit(resolved, endpoint, timeout, is_job=is_job, preview_every=preview_every)
     except QueueFull:
         raise HTTPException(
             429, "the request queue is full; retry later", headers={"Retry-After": str(engine.retry_after())}
@@ -163,7 +170,7 @@ async def _until_disconnect(request: Request) -> None:
             return
 
 
-async def _wait(request: Request, engine: Engine, task: Task, timeout: float) -> None:
+async def _wait(request: Request, engine: RequestManager, task: Task, timeout: float) -> None:
     """Wait for ``task``; a client disconnect (or a stuck engine) cancels it."""
     waiter = asyncio.ensure_future(task.wait())
     watcher = asyncio.ensure_future(_until_disconnect(request))
@@ -218,7 +225,7 @@ def _generate_response(task: Task) -> GenerateResponse:
     )
 
 
-def _job_info(task: Task, engine: Engine) -> JobInfo:
+def _job_info(task: Task, engine: RequestManager) -> JobInfo:
     error = None
     if task.status == "failed":
         error = JobError(status_code=task.error_status or 500, message=task.error_message or "",
@@ -263,10 +270,12 @@ _GENERATE_BODY = {
     openapi_extra=_GENERATE_BODY,
     responses={200: {"content": {"image/png": {}}, "description": "JSON, or a PNG with Accept: image/png"}},
 )
-async def generate(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+async def generate(request: Request, engine: EngineDep) -> Response:
     """Generate images; waits for the result. A client that disconnects cancels its request."""
     state = _state(request)
     body, control = await _generate_body(request, state)
+    if body.preview_every:
+        raise field_error("preview_every", "previews are sent on a job's event stream: use POST /v1/jobs")
     resolved = await _resolve(body, state, control)
     timeout = state.settings.request_timeout_seconds
     task = await _submit(request, engine, resolved, "generate", timeout, is_job=False)
@@ -292,7 +301,7 @@ async def generate(request: Request, engine: Engine = Depends(ready_engine)) -> 
 
 
 @api.post("/v1/images/generations", response_model=OpenAIImagesResponse)
-async def openai_images(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+async def openai_images(request: Request, engine: EngineDep) -> Response:
     """OpenAI-compatible image generation (response_format b64_json). Class models take a class name."""
     state = _state(request)
     data = await _json_body(request, _JSON_OVERHEAD)
@@ -319,7 +328,7 @@ async def openai_images(request: Request, engine: Engine = Depends(ready_engine)
 # -- jobs -----------------------------------------------------------------------------------------
 
 
-def _job(engine: Engine, job_id: str) -> Task:
+def _job(engine: RequestManager, job_id: str) -> Task:
     task = engine.jobs.get(job_id)
     if task is None:
         raise HTTPException(404, f"no job {job_id!r}")
@@ -327,24 +336,27 @@ def _job(engine: Engine, job_id: str) -> Task:
 
 
 @api.post("/v1/jobs", status_code=202, response_model=JobInfo, openapi_extra=_GENERATE_BODY)
-async def create_job(request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+async def create_job(request: Request, engine: EngineDep) -> Response:
     """Queue a generation; poll GET /v1/jobs/{id} or stream GET /v1/jobs/{id}/events."""
     state = _state(request)
     body, control = await _generate_body(request, state)
     resolved = await _resolve(body, state, control)
-    task = await _submit(request, engine, resolved, "jobs", state.settings.job_timeout_seconds, is_job=True)
+    timeout = state.settings.job_timeout_seconds
+    task = await _submit(
+        request, engine, resolved, "jobs", timeout, is_job=True, preview_every=body.preview_every
+    )
     info = _job_info(task, engine)
     return JSONResponse(info.model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{task.id}"})
 
 
 @api.get("/v1/jobs/{job_id}", response_model=JobInfo)
-async def get_job(job_id: str, engine: Engine = Depends(ready_engine)) -> JobInfo:
+async def get_job(job_id: str, engine: EngineDep) -> JobInfo:
     """Status, step, total steps, queue position; the result once completed."""
     return _job_info(_job(engine, job_id), engine)
 
 
 @api.post("/v1/jobs/{job_id}/cancel", response_model=JobInfo)
-async def cancel_job(job_id: str, engine: Engine = Depends(ready_engine)) -> Response:
+async def cancel_job(job_id: str, engine: EngineDep) -> Response:
     """Cancel a queued or running job (409 when it has already finished)."""
     task = _job(engine, job_id)
     if not engine.cancel(job_id):
@@ -356,7 +368,7 @@ async def cancel_job(job_id: str, engine: Engine = Depends(ready_engine)) -> Res
 
 
 @api.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse)
-async def job_events(job_id: str, request: Request, engine: Engine = Depends(ready_engine)) -> Response:
+async def job_events(job_id: str, request: Request, engine: EngineDep) -> Response:
     """Server-sent events: queued, started, progress (per step), then completed, failed or cancelled."""
     task = _job(engine, job_id)
     queue = task.subscribe()
@@ -390,13 +402,13 @@ async def job_events(job_id: str, request: Request, engine: Engine = Depends(rea
 
 
 @api.get("/v1/models", response_model=ModelList)
-async def list_models(request: Request, engine: Engine = Depends(ready_engine)) -> ModelList:
+async def list_models(request: Request, engine: EngineDep) -> ModelList:
     """Loaded models: conditioning each accepts (classes with names, text, control) and defaults."""
     return ModelList(data=list(_state(request).models.values()))
 
 
 @api.get("/v1/samplers", response_model=SamplerList)
-async def list_samplers(request: Request, engine: Engine = Depends(ready_engine)) -> SamplerList:
+async def list_samplers(request: Request, engine: EngineDep) -> SamplerList:
     """Sampler names accepted by ``sampler`` (aliases included)."""
     return SamplerList(data=_state(request).samplers)
 

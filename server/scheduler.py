@@ -11,7 +11,8 @@ identity, shape, dtype) is equal. Policy:
 - An entry's rows are never split: its sampler steps all its images and both CFG halves together.
 - Cancelled and expired entries leave at once, so the next plan does not carry them.
 
-Not thread-safe: the engine serialises calls under its own lock.
+Admission (the queue bound, queue positions) is not decided here: the serving side owns it
+(``server.lifecycle``). Not thread-safe: only the engine core's thread calls it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
-
-
-class QueueFull(Exception):
-    """More requests are waiting than the configured queue size."""
 
 
 @dataclass(eq=False)
@@ -38,7 +34,6 @@ class Entry:
     arrival: float
     deadline: float | None
     seq: int
-    payload: Any = None
     steps_done: int = 0
     started_at: float | None = None
 
@@ -73,12 +68,10 @@ class Scheduler:
     def __init__(
         self,
         max_rows: int,
-        max_queue_size: int,
         clock: Callable[[], float] = time.monotonic,
         history: int = 64,
     ) -> None:
         self.max_rows = max_rows
-        self.max_queue_size = max_queue_size
         self.clock = clock
         self._groups: dict[Hashable, _Group] = {}
         self._entries: dict[str, Entry] = {}
@@ -96,17 +89,15 @@ class Scheduler:
         rows: int,
         total_steps: int,
         timeout: float | None = None,
-        payload: Any = None,
+        deadline: float | None = None,
     ) -> Entry:
-        """Admit a request; raises QueueFull when ``max_queue_size`` entries are already waiting."""
+        """Admit a request; it expires ``timeout`` seconds from now, or at the clock's ``deadline``."""
         if rows < 1 or rows > self.max_rows:
             raise ValueError(f"rows={rows} must be in [1, {self.max_rows}]")
         if total_steps < 1:
             raise ValueError("total_steps must be >= 1")
         if entry_id in self._entries:
             raise ValueError(f"duplicate entry id {entry_id!r}")
-        if self._waiting >= self.max_queue_size:
-            raise QueueFull(f"{self._waiting} requests are waiting (max_queue_size={self.max_queue_size})")
         now = self.clock()
         self._tick += 1
         entry = Entry(
@@ -115,9 +106,8 @@ class Scheduler:
             rows=rows,
             total_steps=total_steps,
             arrival=now,
-            deadline=None if timeout is None else now + timeout,
+            deadline=deadline if timeout is None else now + timeout,
             seq=self._tick,
-            payload=payload,
         )
         self._entries[entry_id] = entry
         self._groups.setdefault(key, _Group()).entries[entry_id] = entry
@@ -223,10 +213,3 @@ class Scheduler:
     @property
     def last_plan(self) -> Plan | None:
         return self.history[-1] if self.history else None
-
-    def queue_position(self, entry_id: str) -> int | None:
-        """How many waiting entries arrived before this one; None once it has started or left."""
-        entry = self._entries.get(entry_id)
-        if entry is None or entry.started:
-            return None
-        return sum(1 for e in self._entries.values() if not e.started and e.seq < entry.seq)

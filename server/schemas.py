@@ -7,7 +7,6 @@ in ``resolve_generate`` / ``resolve_openai``. Every failure is a 422 whose ``det
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,10 +14,27 @@ from typing import Any, Literal
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.catalog import (
+    ClassInfo,
+    Conditioning,
+    ControlInfo,
+    ModelDefaults,
+    ModelList,
+    ModelSpec,
+    SamplerInfo,
+    SamplerList,
+)
 from server.imaging import ImageDecodeError, decode_base64, decode_control_image
+from server.request import MAX_SEED, ResolvedRequest, needs_guidance, random_seed, rows_for
 from server.settings import Settings
 
-MAX_SEED = 2**32 - 1
+__all__ = [
+    "ClassInfo", "Conditioning", "ControlInfo", "GenerateRequest", "GenerateResponse", "JobError", "JobInfo",
+    "ModelDefaults", "ModelList", "ModelSpec", "OpenAIImage", "OpenAIImageRequest", "OpenAIImagesResponse",
+    "ResolvedRequest", "SamplerInfo", "SamplerList", "Timings", "ValidationContext", "field_error",
+    "resolve_generate", "resolve_openai",
+]
+
 MAX_PROMPT_CHARS = 2000
 
 
@@ -29,69 +45,7 @@ def field_error(field: str, message: str, value: Any = None) -> RequestValidatio
     )
 
 
-# -- models as clients see them -------------------------------------------------------------------
-
-
-class ClassInfo(BaseModel):
-    index: int
-    name: str
-
-
-class ControlInfo(BaseModel):
-    type: str
-    channels: int
-
-
-class Conditioning(BaseModel):
-    classes: list[ClassInfo] | None = Field(None, description="Class labels accepted (class models).")
-    text: bool = Field(False, description="Whether a text prompt is accepted.")
-    control: ControlInfo | None = Field(None, description="Control map accepted (ControlNet models).")
-
-
-class ModelDefaults(BaseModel):
-    sampler: str
-    num_inference_steps: int
-    guidance_scale: float
-    width: int
-    height: int
-
-
-class ModelSpec(BaseModel):
-    """A loaded model as /v1/models reports it (OpenAI-style list entry plus our fields)."""
-
-    id: str
-    object: Literal["model"] = "model"
-    created: int = 0
-    owned_by: str = "unet-server"
-    kind: Literal["class", "text"]
-    schedule: Literal["vp", "flow"] = Field(description="noise schedule family (decides the samplers)")
-    base_model: str | None = None
-    image_channels: int
-    sample_size: int
-    size_multiple: int = Field(description="width and height must be multiples of this")
-    null_class_label: int | None = Field(None, exclude=True)
-    conditioning: Conditioning
-    defaults: ModelDefaults
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelSpec]
-
-
-class SamplerInfo(BaseModel):
-    name: str
-    aliases: list[str] = []
-    kind: str = Field("ode", description='"ode" (deterministic) or "sde" (stochastic, seeded per request)')
-    model_kinds: list[str] = Field(default_factory=list, description="schedules it supports: vp, flow")
-    default_spacing: str | None = None
-    evaluations_per_step: int = 1
-    description: str = ""
-
-
-class SamplerList(BaseModel):
-    data: list[SamplerInfo]
-
+# -- models as clients see them: server/catalog.py (no web imports: the engine process builds them) --
 
 # -- /generate ------------------------------------------------------------------------------------
 
@@ -116,6 +70,11 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(1, ge=1, le=1024)
     width: int | None = Field(None, ge=1, le=16_384)
     height: int | None = Field(None, ge=1, le=16_384)
+    preview_every: int = Field(
+        0, ge=0, le=10_000,
+        description="Jobs only: a `preview` event (small PNG of the current estimate) every k steps on the "
+        "job's event stream; 0 = none.",
+    )
 
 
 class Timings(BaseModel):
@@ -203,34 +162,6 @@ class ValidationContext:
     settings: Settings
     # (model id, sampler, steps) -> None; ValueError when the model's schedule cannot make that grid
     check_steps: Callable[[str, str, int], None] | None = None
-
-
-@dataclass(frozen=True)
-class ResolvedRequest:
-    """A fully validated generation request with every default filled in."""
-
-    model: str
-    prompt: str | None
-    negative_prompt: str | None
-    class_label: int | None
-    control: Any  # float32 numpy (height, width) in [0, 1], or None
-    control_scale: float
-    num_inference_steps: int
-    sampler: str
-    guidance_scale: float
-    seed: int
-    num_images: int
-    width: int
-    height: int
-    guided: bool  # whether rows carry an unconditional half
-
-    @property
-    def seeds(self) -> list[int]:
-        return [self.seed + i for i in range(self.num_images)]
-
-    @property
-    def rows(self) -> int:
-        return self.num_images * (2 if self.guided else 1)
 
 
 def _norm(name: str) -> str:
@@ -322,10 +253,9 @@ def resolve_generate(
     height = _size(req.height, spec.defaults.height, "height", spec, s)
     guidance = spec.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
     # Guidance needs an unconditional row: text models always have one (""), class models a null class.
-    guided = guidance != 1.0 and (
-        (cond.text) or (class_label is not None and spec.null_class_label is not None)
-    )
-    rows = req.num_images * (2 if guided else 1)
+    has_null = cond.text or (class_label is not None and spec.null_class_label is not None)
+    guided = needs_guidance(guidance, has_null)
+    rows = rows_for(req.num_images, guided)
     if rows > s.max_batch_rows:
         raise field_error(
             "num_images",
@@ -357,7 +287,7 @@ def resolve_generate(
         num_inference_steps=steps,
         sampler=sampler,
         guidance_scale=float(guidance),
-        seed=secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed,
+        seed=random_seed() if req.seed is None else req.seed,
         num_images=req.num_images,
         width=width,
         height=height,

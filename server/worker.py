@@ -4,8 +4,8 @@ No queueing logic lives here (that is ``scheduler.py``). A request's worker stat
 one sampler state per image (image i draws from its own ``RequestNoise(seed + i)``, so an image is the same
 whether requested alone or as part of a batch) plus the conditioning rows, built once at ``prepare``.
 
-Row layout of one request inside a forward pass: its n images, then (with guidance) the same n images again
-with the unconditional conditioning. Forward passes are padded to the next batch bucket (repeating the first
+The row layout of a pass (which request's images sit in which rows, CFG halves) is ``server.rows.RowLayout``,
+built once per step. Forward passes are padded to the next batch bucket (repeating the first
 row, so padding is always finite input); every bucket runs once at ``warmup``.
 
 On CUDA (unless ``cuda_graphs=False``) each denoiser runs through a ``GraphedDenoiser``
@@ -31,9 +31,17 @@ from model.cuda_graphs import GraphedDenoiser
 from model.denoiser import cfg_combine, clamp_x0
 from model.noise import RequestNoise
 from model.pipeline import Pipeline
-from server.schemas import ResolvedRequest
+from server.request import ResolvedRequest, rows_for
+from server.rows import RowLayout
 
 log = logging.getLogger(__name__)
+
+PREVIEW_MAX_SIDE = 128  # previews are downscaled (area) to at most this many pixels a side
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Model space [-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), round((x + 1) / 2 · 255) (NaN -> 0)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
 @dataclass(eq=False)
@@ -51,10 +59,16 @@ class RequestState:
     control: torch.Tensor | None  # (rows, 1, H, W) in [0, 1]
     control_scale: float
     evaluations: int = 0  # denoiser calls this request has taken
+    preview_every: int = 0  # keep the last x0 estimate for previews (the core asks every k evaluations)
+    last_x0: torch.Tensor | None = None  # (n, C, H, W) of the last step, when preview_every > 0
 
     @property
     def rows(self) -> int:
-        return self.num_images * (2 if self.guided else 1)
+        return rows_for(self.num_images, self.guided)
+
+    @property
+    def has_control(self) -> bool:
+        return self.control is not None
 
 
 @dataclass(eq=False)
@@ -62,18 +76,20 @@ class PendingImages:
     """Final images on their way to host memory; ``ready`` polls without blocking, ``wait`` blocks."""
 
     pixels: torch.Tensor  # (N, H, W, C) uint8 on the host (pinned on CUDA, filled once `event` completes)
+    finite: torch.Tensor  # (N,) bool on the host: the image's values were all finite before conversion
     bounds: list[int]  # request k owns images bounds[k]:bounds[k + 1]
     event: Any = None  # torch.cuda.Event recorded after the copy; None: already on the host
 
     def ready(self) -> bool:
         return self.event is None or bool(self.event.query())
 
-    def wait(self) -> list[np.ndarray]:
-        """uint8 (n, H, W, C) per request."""
+    def wait(self) -> list[np.ndarray | None]:
+        """uint8 (n, H, W, C) per request; None for a request with a non-finite (NaN/inf) image."""
         if self.event is not None:
             self.event.synchronize()  # releases the GIL while it waits
-        pixels = self.pixels.numpy()
-        return [pixels[a:b] for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True)]
+        pixels, finite = self.pixels.numpy(), self.finite.numpy()
+        spans = zip(self.bounds[:-1], self.bounds[1:], strict=True)
+        return [pixels[a:b] if finite[a:b].all() else None for a, b in spans]
 
 
 class Worker:
@@ -146,7 +162,7 @@ class Worker:
         return out
 
     @torch.no_grad()
-    def prepare(self, req: ResolvedRequest) -> RequestState:
+    def prepare(self, req: ResolvedRequest, preview_every: int = 0) -> RequestState:
         """Draw initial noise, build sampler states and conditioning rows for one request."""
         from model.samplers import get_sampler
 
@@ -191,6 +207,7 @@ class Worker:
             context=context,
             control=control,
             control_scale=req.control_scale,
+            preview_every=preview_every,
         )
 
     # -- one engine step ----------------------------------------------------------------------
@@ -199,92 +216,94 @@ class Worker:
     def step(self, requests: Sequence[RequestState]) -> list[bool]:
         """One denoiser forward pass over every row of ``requests`` (same batch key); advance each sampler.
 
-        Returns per request whether its sampler is done. The tensor work does not grow with the number of
-        requests: one gather of every image's sample, one index to lay out the rows (cond rows, then
-        uncond rows, per request), one guidance mix and one clamp for all images, one sampler update per
-        sampler configuration. What remains per request/image is host bookkeeping (σ, indices, flags).
+        Reads as gather -> forward -> combine -> advance. Returns per request whether its sampler is done.
+        The tensor work does not grow with the number of requests: one gather of every image's sample, one
+        index for the row layout, one guidance mix and one clamp for all images, one sampler update per
+        sampler configuration; what remains per request/image is host bookkeeping (σ, indices, flags).
         """
-        states = [s for r in requests for s in r.states]
+        layout = RowLayout.build(requests)
+        x, sigma, index = self._gather(requests, layout)  # (B, C, H, W), (B,), (B + 2N,) or None
+        x0 = self._forward_rows(requests, layout, x, sigma)  # (B, C, H, W)
+        x0 = self._combine(requests, layout, x0, index)  # (N, C, H, W)
+        self._advance(requests, layout, x0)
+        for k, r in enumerate(requests):
+            r.evaluations += 1
+            if r.preview_every:
+                # (n, C, H, W): kept for a preview; a view, no copy
+                r.last_x0 = x0[layout.image_bounds[k] : layout.image_bounds[k + 1]]
+        if self.device.type == "cuda":
+            self._bound_run_ahead()
+        return [all(r.sampler.done(s) for s in r.states) for r in requests]
+
+    def _gather(
+        self, requests: Sequence[RequestState], layout: RowLayout
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Every image's current sample and σ, laid out as rows (cond rows, then uncond rows, per request)."""
         inputs = [r.sampler.next_input(s) for r in requests for s in r.states]
         images = torch.cat([x for x, _ in inputs]) if len(inputs) > 1 else inputs[0][0]  # (N, C, H, W)
         sigma_img = [float(s) for _, s in inputs]  # (N,)
-        # Row layout: per request its n cond rows then (guided) its n uncond rows. Per image: its cond row,
-        # its uncond row (its cond row when unguided) and its guidance scale (1: exactly the cond row).
-        row_src: list[int] = []
-        cond_row: list[int] = []
-        uncond_row: list[int] = []
-        scale_img: list[float] = []
-        img = 0
-        for r in requests:
-            n, base = r.num_images, len(row_src)
-            own = list(range(img, img + n))
-            row_src += own + own if r.guided else own
-            cond_row += range(base, base + n)
-            uncond_row += range(base + n, base + 2 * n) if r.guided else range(base, base + n)
-            scale_img += [r.guidance_scale if r.guided else 1.0] * n
-            img += n
-        guided = len(row_src) > img
-        sigma_rows = [sigma_img[i] for i in row_src]
-        sigma = self._to_device(torch.tensor(sigma_rows, dtype=torch.float64))  # (B,)
-        if guided:
-            index = self._to_device(torch.tensor(row_src + cond_row + uncond_row, dtype=torch.long))
-            rows = len(row_src)
-            x = images.index_select(0, index[:rows])  # (B, C, H, W)
-        else:
-            x = images
+        sigma = self._to_device(torch.tensor([sigma_img[i] for i in layout.row_image], dtype=torch.float64))
+        if not layout.guided:
+            return images, sigma, None  # rows are the images
+        index = self._to_device(torch.tensor(layout.gather_index(), dtype=torch.long))  # (B + 2N,)
+        return images.index_select(0, index[: layout.num_rows]), sigma, index
+
+    def _forward_rows(
+        self, requests: Sequence[RequestState], layout: RowLayout, x: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
+        """The denoiser once over all rows, with each row's conditioning (and control where it has one)."""
         head = requests[0].pipeline
-        class_labels = torch.cat([r.class_labels for r in requests]) if head.kind == "class" else None
-        context = torch.cat([r.context for r in requests]) if head.kind == "text" else None
+        class_labels = torch.cat([r.class_labels for r in requests]) if head.kind == "class" else None  # type: ignore[misc]
+        context = torch.cat([r.context for r in requests]) if head.kind == "text" else None  # type: ignore[misc]
         denoiser, control, scale, mask = head.denoiser, None, None, None
-        with_control = [r for r in requests if r.control is not None]
-        if with_control:
-            denoiser = with_control[0].pipeline.denoiser
+        if layout.any_control:
+            denoiser = next(r for r in requests if r.control is not None).pipeline.denoiser
             zeros = x.new_zeros((1, 1, *x.shape[2:]))
             control = torch.cat(
                 [r.control if r.control is not None else zeros.expand(r.rows, -1, -1, -1) for r in requests]
             )  # (B, 1, H, W)
             # Rows without a control map get scale 0: exactly zero residuals.
-            per_row = [
-                (r.control_scale if r.control is not None else 0.0) for r in requests for _ in range(r.rows)
-            ]
+            per_row = [r.control_scale if r.has_control else 0.0 for r in requests for _ in range(r.rows)]
             scale = self._to_device(torch.tensor(per_row, dtype=torch.float32))  # (B,)
-            if len(with_control) < len(requests) and self.device.type != "cuda":
+            if not layout.all_control and self.device.type != "cuda":
                 # CPU: run the ControlNet on the rows with a map only (see _forward). On CUDA the zero scale
                 # alone does it, with static shapes and without boolean indexing's host sync.
-                mask = torch.tensor([r.control is not None for r in requests for _ in range(r.rows)])  # (B,)
-        x0 = self._forward(denoiser, x, sigma, class_labels, context, control, scale, mask)  # (B, C, H, W)
+                mask = torch.tensor(layout.control_rows)  # (B,)
+        return self._forward(denoiser, x, sigma, class_labels, context, control, scale, mask)
 
-        if guided:  # uncond + g·(cond − uncond) per image; g = 1 rows are exactly their cond row
-            g = self._to_device(torch.tensor(scale_img, dtype=torch.float32))  # (N,)
-            x0 = cfg_combine(
-                x0.index_select(0, index[rows : rows + img]), x0.index_select(0, index[rows + img :]), g
-            )
-        sched = head.schedule  # one U-Net per batch key, so one schedule
+    def _combine(
+        self,
+        requests: Sequence[RequestState],
+        layout: RowLayout,
+        x0: torch.Tensor,
+        index: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Rows -> images: uncond + g·(cond − uncond) per image (g = 1: exactly its cond row), then the
+        schedule's clamp."""
+        if index is not None:
+            b, n = layout.num_rows, layout.num_images
+            g = self._to_device(torch.tensor(layout.guidance, dtype=torch.float32))  # (N,)
+            x0 = cfg_combine(x0.index_select(0, index[b : b + n]), x0.index_select(0, index[b + n :]), g)
+        sched = requests[0].pipeline.schedule  # one U-Net per batch key, so one schedule
         if sched.clip_sample_range is not None or sched.dynamic_thresholding_ratio is not None:
             x0 = clamp_x0(x0, sched.clip_sample_range, sched.dynamic_thresholding_ratio)  # (N, C, H, W)
+        return x0
 
-        # Samplers of one configuration advance together: one vectorised update per step kind for DDIM,
-        # Euler and DPM++ 2M (bitwise the per-request loop on CPU), a loop over states for the others.
+    def _advance(self, requests: Sequence[RequestState], layout: RowLayout, x0: torch.Tensor) -> None:
+        """Samplers of one configuration advance together: one vectorised update per step kind for DDIM,
+        Euler and DPM++ 2M (bitwise the per-request loop on CPU), a loop over states for the others."""
+        states = [s for r in requests for s in r.states]
         groups: dict[Hashable, tuple[Any, list[int]]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(r.sampler.batch_key, (r.sampler, []))[1].append(i)
         if len(groups) == 1:
             requests[0].sampler.advance_many(states, x0)
-        else:
-            first = [0]
-            for r in requests:
-                first.append(first[-1] + r.num_images)
-            for sampler, members in groups.values():
-                picked = [j for i in members for j in range(first[i], first[i + 1])]
-                sel = self._to_device(torch.tensor(picked, dtype=torch.long))
-                sampler.advance_many([states[j] for j in picked], x0.index_select(0, sel))
-        if self.device.type == "cuda":
-            self._bound_run_ahead()
-        done = []
-        for r in requests:
-            r.evaluations += 1
-            done.append(all(r.sampler.done(s) for s in r.states))
-        return done
+            return
+        bounds = layout.image_bounds
+        for sampler, members in groups.values():
+            picked = [j for i in members for j in range(bounds[i], bounds[i + 1])]
+            sel = self._to_device(torch.tensor(picked, dtype=torch.long))
+            sampler.advance_many([states[j] for j in picked], x0.index_select(0, sel))
 
     def _bound_run_ahead(self) -> None:
         """Record this step's end; wait (GIL released) for the step ``max_steps_ahead`` back to finish."""
@@ -386,21 +405,44 @@ class Worker:
     def read_images(self, requests: Sequence[RequestState]) -> PendingImages:
         """Start reading back the final images of ``requests`` (one image shape, e.g. those finishing in
         one step): converted to uint8 round((x + 1) / 2 * 255) on the device and copied to pinned host
-        memory in one copy that does not block the host; ``PendingImages.wait`` returns them."""
+        memory in one copy that does not block the host; ``PendingImages.wait`` returns them. A per-image
+        finiteness flag travels with them (computed on the device: no host sync in the step), so a NaN
+        never becomes a black PNG."""
         x = torch.cat([r.sampler.result(s) for r in requests for s in r.states]).float()  # (N, C, H, W)
-        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # (N, H, W, C)
+        finite = torch.isfinite(x).flatten(1).all(1)  # (N,)
+        pixels = to_uint8(x)  # (N, H, W, C)
         bounds = np.cumsum([0] + [r.num_images for r in requests]).tolist()
         if self.device.type != "cuda":
-            return PendingImages(x.contiguous(), bounds, None)
-        host = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
-        host.copy_(x, non_blocking=True)
+            return PendingImages(pixels.contiguous(), finite, bounds, None)
+        host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        host_finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+        host_finite.copy_(finite, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return PendingImages(host, bounds, event)
+        return PendingImages(host, host_finite, bounds, event)
 
-    def images(self, requests: Sequence[RequestState]) -> list[np.ndarray]:
+    def images(self, requests: Sequence[RequestState]) -> list[np.ndarray | None]:
         """Final images per request as uint8 (n, H, W, C), read back now (``read_images`` + ``wait``)."""
         return self.read_images(requests).wait()
+
+    @torch.no_grad()
+    def preview(self, request: RequestState, max_side: int = PREVIEW_MAX_SIDE) -> np.ndarray | None:
+        """A small uint8 (n, h, w, C) picture of the request's last x0 estimate, or None before its first
+        step. Synchronises with the device: only for requests that asked for previews, every k steps."""
+        x0 = request.last_x0
+        if x0 is None:
+            return None
+        x0 = x0.float().nan_to_num(0.0)
+        side = max(x0.shape[-2:])
+        if side > max_side:
+            x0 = torch.nn.functional.interpolate(x0, scale_factor=max_side / side, mode="area")
+        return to_uint8(x0).cpu().numpy()
+
+    def total_evaluations(self, state: RequestState, num_inference_steps: int) -> int:
+        """Denoiser calls a request takes (sampler-specific, e.g. Heun: 2 per step but the last)."""
+        count = getattr(state.sampler, "num_evaluations", None)
+        return int(count(num_inference_steps)) if callable(count) else num_inference_steps
 
     def _example(self, p: Pipeline, rows: int) -> dict[str, Any]:
         """Denoiser inputs of ``rows`` rows at the pipeline's default size (with control if it has one)."""

@@ -119,7 +119,22 @@ class LiveServer:
 
     @property
     def engine(self) -> Any:
+        """The request manager (``server.lifecycle.RequestManager``) routes talk to."""
         return self.state.engine
+
+    @property
+    def core(self) -> Any:
+        """The engine core (``server.core.EngineCore``; thread mode only: it lives in this process)."""
+        return self.state.client.core
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Until no request is in flight on either side and the core has no turn in progress."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.engine.idle and self.core.idle:
+                return
+            time.sleep(0.005)
+        raise TimeoutError("the engine did not become idle")
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60.0), **kwargs)

@@ -93,7 +93,7 @@ def test_server_wires_the_setting_and_skips_on_cpu(
     try:
         assert seen == [(["tiny-class"], "cpu", {"shapes_per_module": 4})]
         assert "compile: skipped on cpu" in caplog.text
-        p = server.engine.worker.pipelines["tiny-class"]
+        p = server.core.worker.pipelines["tiny-class"]
         assert not isinstance(p.unet, torch._dynamo.eval_frame.OptimizedModule)
         with server.client() as c:
             assert c.post("/generate", json={"class_label": 1, "seed": 1}).status_code == 200
@@ -116,7 +116,7 @@ def test_compiled_server_matches_uncompiled(weights_dir: Path) -> None:
     try:
         compiled.wait_ready(timeout=900)  # warm-up compiles every bucket before ready
         all_graphs_captured(compiled)
-        for p in compiled.engine.worker.pipelines.values():
+        for p in compiled.core.worker.pipelines.values():
             assert isinstance(p.unet, torch._dynamo.eval_frame.OptimizedModule)
         stats = torch._dynamo.utils.counters["stats"]
         frames = stats["unique_graphs"]

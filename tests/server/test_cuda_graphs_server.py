@@ -61,7 +61,7 @@ def assert_close_images(a: dict[str, Any], b: dict[str, Any], what: str) -> None
 
 
 def all_graphs_captured(server: LiveServer) -> None:
-    worker = server.engine.worker
+    worker = server.core.worker
     assert worker.cuda_graphs and worker._graphs
     for runner in worker._graphs.values():
         assert runner.captured() == BUCKETS
@@ -92,7 +92,7 @@ def test_ready_only_after_every_bucket_is_captured(
             release.set()
             server.wait_ready(timeout=120)
             all_graphs_captured(server)
-            worker = server.engine.worker
+            worker = server.core.worker
             # A ControlNet pipeline: captured with control and without (a batch with no control map).
             den = worker.pipelines["tiny-text-edges"].denoiser
             assert {k[2] for k in worker._captured if k[0] == id(den)} == {True, False}
@@ -105,7 +105,7 @@ def test_ready_only_after_every_bucket_is_captured(
 
 def test_graphs_on_the_shared_server(graphed: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
     all_graphs_captured(graphed)
-    assert graphed.engine.worker.device.type == "cuda"
+    assert graphed.core.worker.device.type == "cuda"
     from server.settings import Settings
 
     for name in ("UNET_SERVER_MAX_BATCH_ROWS", "UNET_SERVER_DEVICE", "UNET_SERVER_BATCH_BUCKETS"):
@@ -115,7 +115,7 @@ def test_graphs_on_the_shared_server(graphed: LiveServer, monkeypatch: pytest.Mo
 
 def test_graphed_forward_matches_eager_denoiser(graphed: LiveServer) -> None:
     """Denoiser level, a mixed ControlNet batch of 5 rows (bucket 8): graph replay ≈ the eager Denoiser."""
-    worker = graphed.engine.worker
+    worker = graphed.core.worker
     p = worker.pipelines["tiny-text-edges"]
     g = torch.Generator().manual_seed(0)
     rows, size = 5, p.defaults.height
@@ -146,7 +146,7 @@ def test_graphed_images_match_eager(graphed: LiveServer, eager: LiveServer) -> N
 
 def test_batch_invariance_with_graphs(graphed: LiveServer) -> None:
     together = asyncio.run(_send_all(graphed.url, STABLE))
-    plans = graphed.engine.scheduler.history
+    plans = graphed.core.scheduler.history
     assert max(len(p.entries) for p in plans) > 3  # requests really shared passes
     for req, a in zip(STABLE, together, strict=True):
         alone = asyncio.run(_send_all(graphed.url, [req]))[0]
@@ -155,14 +155,14 @@ def test_batch_invariance_with_graphs(graphed: LiveServer) -> None:
 
 def test_other_sizes_run_eagerly(graphed: LiveServer) -> None:
     """A size that was not captured runs eagerly (no capture on the hot path) and still works."""
-    before = {k: list(v) for k, v in graphed.engine.worker.captured_graphs().items()}
-    captured = set(graphed.engine.worker._captured)
+    before = {k: list(v) for k, v in graphed.core.worker.captured_graphs().items()}
+    captured = set(graphed.core.worker._captured)
     with graphed.client() as c:
         body = {"model": "tiny-text", "prompt": "x", "width": 8, "height": 24, "seed": 1}
         r = c.post("/generate", json=body)
         assert r.status_code == 200, r.text
-    assert graphed.engine.worker._captured == captured
-    assert graphed.engine.worker.captured_graphs() == before
+    assert graphed.core.worker._captured == captured
+    assert graphed.core.worker.captured_graphs() == before
 
 
 @pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])

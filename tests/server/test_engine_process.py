@@ -1,6 +1,6 @@
-"""The engine in a child process (``engine_mode="process"``), on CPU: same bytes as the in-process engine,
-jobs and cancellation across the pipe, metrics replayed in the parent, a dying child fails its requests,
-load errors reach /health/ready, and shutdown stops the child."""
+"""The engine core in a child process (``engine_mode="process"``), on CPU: same bytes as the in-process
+engine, jobs and cancellation across the pipe, metrics from the child's step stats, a dying child fails its
+requests, load errors reach /health/ready, and shutdown stops the child."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from server.engine import EngineStopped, QueueFull
-from server.engine_process import EngineProcess, MetricRecorder, replay
+from server.engine_process import ProcessClient
+from server.lifecycle import EngineStopped, QueueFull, RequestManager
+from server.messages import AddRequest, CancelRequest, EngineOutputs, Sampled, Started, StepStats
 from server.metrics import Metrics
-from server.schemas import ResolvedRequest
+from server.request import ResolvedRequest
 from server.settings import Settings
 from tests.server.conftest import SIZE, start_server
 from tests.server.test_api import read_sse
@@ -53,9 +54,9 @@ def metric(text: str, name: str) -> float:
 
 
 def test_runs_in_a_child_process(proc_server: Any) -> None:
-    engine = proc_server.engine
-    assert isinstance(engine, EngineProcess) and engine.running
-    assert engine._proc.pid != os.getpid() and engine._proc.is_alive()
+    client = proc_server.state.client
+    assert isinstance(client, ProcessClient) and proc_server.engine.running
+    assert client._proc.pid != os.getpid() and client._proc.is_alive()
 
 
 def test_same_bytes_as_the_thread_engine_alone_and_batched(proc_server: Any, thread_server: Any) -> None:
@@ -142,7 +143,7 @@ def _wait_failed(c: Any, job_id: str) -> dict:
 def test_a_dying_child_fails_its_requests_and_is_replaced(weights_dir: Path) -> None:
     server = start_server(weights_dir, engine_mode="process", models=["tiny-class"])
     try:
-        engine = server.engine
+        engine = server.state.client
         first = engine._proc.pid
         with server.client() as c:
             job_id = _start_long_job(c)
@@ -174,7 +175,7 @@ def test_a_child_that_keeps_dying_stays_down(weights_dir: Path, monkeypatch: pyt
     try:
         with server.client() as c:
             job_id = _start_long_job(c)
-            os.kill(server.engine._proc.pid, signal.SIGKILL)
+            os.kill(server.state.client._proc.pid, signal.SIGKILL)
             _wait_failed(c, job_id)
             r = c.get("/health/ready")
             assert r.status_code == 503 and r.json()["status"] == "failed"
@@ -201,13 +202,13 @@ def test_load_error_reaches_readiness(tmp_path: Path) -> None:
 
 def test_stop_drains_then_the_child_exits(weights_dir: Path) -> None:
     server = start_server(weights_dir, engine_mode="process", models=["tiny-class"])
-    engine = server.engine
+    engine, client = server.engine, server.state.client
     with server.client() as c:
         job = c.post("/v1/jobs", json={**CLASS, "num_inference_steps": 40}).json()
     task = engine.jobs[job["id"]]
     server.stop()
     assert task.status == "completed" and task.pngs
-    assert not engine.running and engine._proc.exitcode == 0
+    assert not engine.running and client._proc.exitcode == 0
 
 
 # -- the parent's side alone (no child) -----------------------------------------------------------
@@ -222,59 +223,49 @@ def tiny_request() -> ResolvedRequest:
 
 
 def test_parent_admission_bound_and_queue_positions() -> None:
-    """The parent bounds the queue itself (429 without a round trip) and counts a request as waiting until
-    the child reports it started."""
+    """The serving side bounds the queue itself (429 without a round trip) and counts a request as waiting
+    until the core reports it started; the pipe carries typed messages."""
 
     async def body() -> None:
         ours, theirs = multiprocessing.Pipe()
-        engine = EngineProcess(Settings(max_queue_size=2), Metrics())
-        engine._conn = ours
+        client = ProcessClient(Settings())
+        client._conn = ours
+        engine = RequestManager(client, Metrics(), max_queue_size=2)
         engine.start(asyncio.get_running_loop())
         a = engine.submit(tiny_request(), "generate", 10.0)
         b = engine.submit(tiny_request(), "generate", 10.0, is_job=True)
         with pytest.raises(QueueFull):
             engine.submit(tiny_request(), "generate", 10.0)
-        assert [theirs.recv()[:2] for _ in range(2)] == [("submit", a.id), ("submit", b.id)]
+        sent = [theirs.recv() for _ in range(2)]
+        assert [type(m) for m in sent] == [AddRequest, AddRequest]
+        assert [m.request_id for m in sent] == [a.id, b.id] and [m.progress for m in sent] == [False, True]
         assert engine.queue_position(a.id) == 0 and engine.queue_position(b.id) == 1
-        theirs.send(("events", [("started", a.id, time.monotonic())], [], {}, None))
+        theirs.send(EngineOutputs(events=[Started(a.id, time.monotonic())]))
         deadline = time.monotonic() + 10
         while a.status != "running":
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
         assert engine.queue_position(a.id) is None and engine.queue_position(b.id) == 0
         engine.submit(tiny_request(), "generate", 10.0)  # a started: room again
-        # Once the child reports sampling done, it is too late to cancel.
-        theirs.send(("events", [("sampled", a.id)], [], {}, None))
+        # Once the core reports sampling done, it is too late to cancel.
+        stats = StepStats(0.25, 3, 4, (("tiny-class", 3),))
+        theirs.send(EngineOutputs(events=[Sampled(a.id)], steps=[stats]))
         while not a.sampling_done:
             await asyncio.sleep(0.01)
         assert not engine.cancel(a.id) and engine.cancel(b.id) and b.status == "cancelled"
-        assert theirs.recv()[0] == "submit" and theirs.recv() == ("cancel", b.id)
+        assert isinstance(theirs.recv(), AddRequest) and theirs.recv() == CancelRequest(b.id)
+        text = engine.metrics.render().decode()  # the child's step stats became the parent's metrics
+        assert metric(text, 'unet_server_model_evaluations_total{model="tiny-class"}') == 3
+        assert metric(text, "unet_server_forward_duration_seconds_sum") == 0.25
         theirs.close()  # the child is gone: in-flight requests fail, admission stops
         while engine.running:
             await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)
         assert a.status == "failed" and a.error_status == 500
         with pytest.raises(EngineStopped):
             engine.submit(tiny_request(), "generate", 10.0)
 
     asyncio.run(body())
-
-
-def test_metric_recorder_replays_onto_the_registry() -> None:
-    import threading
-
-    rec = MetricRecorder(threading.Lock())
-    rec.forward_duration_seconds.observe(0.25)
-    rec.model_evaluations_total.labels("m").inc(3)
-    rec.queue_size.set(5)
-    rec.queue_size.set(2)  # a gauge: the last value wins
-    metrics = Metrics()
-    replay(metrics, rec.ops, rec.gauges)
-    text = metrics.render().decode()
-    assert metric(text, 'unet_server_model_evaluations_total{model="m"}') == 3
-    assert metric(text, "unet_server_forward_duration_seconds_sum") == 0.25
-    assert metric(text, "unet_server_queue_size") == 2
-    with pytest.raises(AttributeError):
-        replay(metrics, [("no_such_metric", (), "inc", 1.0)], {})
 
 
 @pytest.mark.gpu
@@ -294,7 +285,7 @@ def test_gpu_process_mode_matches_thread_mode(weights_dir: Path) -> None:
         server = start_server(weights_dir, device="cuda", engine_mode=mode, max_batch_rows=16,
                               batch_buckets=[4, 8, 16])  # fmt: skip
         try:
-            assert isinstance(server.engine, EngineProcess) == (mode == "process")
+            assert isinstance(server.state.client, ProcessClient) == (mode == "process")
             with server.client() as c:
                 images[mode] = [decode(c.post("/generate", json=b).json()["images"]) for b in bodies]
                 with concurrent.futures.ThreadPoolExecutor(16) as pool:

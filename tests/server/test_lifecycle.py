@@ -34,7 +34,7 @@ def test_ready_is_503_until_loaded_and_warmed(weights_dir: Path) -> None:
             assert r.status_code == 503 and "retry-after" in r.headers
             release.set()
             server.wait_ready()
-            assert server.engine.worker.warmed  # every bucket ran before ready
+            assert server.core.worker.warmed  # every bucket ran before ready
             assert c.post("/generate", json={"prompt": "x"}).status_code == 200  # the only model: optional
     finally:
         release.set()
@@ -267,7 +267,7 @@ def test_real_text_encoder_default_loader(tmp_path: Path) -> None:
             a, b = (c.post("/generate", json=body).json() for _ in range(2))
             other = c.post("/generate", json={**body, "prompt": "black ankle boots"}).json()
         assert a["images"] == b["images"] and a["images"] != other["images"]
-        assert type(server.engine.worker.pipelines["tiny-text"].text_encoder).__name__ == "TextEncoder"
+        assert type(server.core.worker.pipelines["tiny-text"].text_encoder).__name__ == "TextEncoder"
     finally:
         server.stop()
 

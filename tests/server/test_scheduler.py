@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from server.scheduler import QueueFull, Scheduler
+from server.scheduler import Scheduler
 
 
 class FakeClock:
@@ -18,9 +18,9 @@ class FakeClock:
         return self.now
 
 
-def make(max_rows: int = 8, max_queue: int = 100) -> tuple[Scheduler, FakeClock]:
+def make(max_rows: int = 8) -> tuple[Scheduler, FakeClock]:
     clock = FakeClock()
-    return Scheduler(max_rows=max_rows, max_queue_size=max_queue, clock=clock), clock
+    return Scheduler(max_rows=max_rows, clock=clock), clock
 
 
 def run_to_completion(s: Scheduler, limit: int = 1000) -> list[list[str]]:
@@ -143,18 +143,24 @@ def test_deadline_expiry() -> None:
     assert s.schedule().ids == ["long"]
 
 
-def test_queue_bound_counts_waiting_only() -> None:
-    s, _ = make(max_rows=2, max_queue=2)
+def test_waiting_and_running_counts() -> None:
+    s, _ = make(max_rows=2)
     s.add("a", key="A", rows=2, total_steps=5)
     s.add("b", key="A", rows=2, total_steps=5)
-    with pytest.raises(QueueFull):
-        s.add("c", key="A", rows=2, total_steps=5)
-    s.update(s.schedule())  # "a" starts: one slot frees
+    assert s.waiting_count == 2 and s.running_count == 0
+    s.update(s.schedule())  # "a" starts
     assert s.waiting_count == 1 and s.running_count == 1
-    s.add("c", key="A", rows=2, total_steps=5)
-    assert s.queue_position("b") == 0 and s.queue_position("c") == 1 and s.queue_position("a") is None
     s.cancel("b")
-    assert s.queue_position("c") == 0 and s.waiting_count == 1
+    assert s.waiting_count == 0 and len(s) == 1
+
+
+def test_absolute_deadline() -> None:
+    s, clock = make()
+    s.add("a", key="A", rows=1, total_steps=5, deadline=2.0)
+    clock.now = 1.9
+    assert s.expire() == []
+    clock.now = 2.0
+    assert [e.id for e in s.expire()] == ["a"]
 
 
 def test_every_request_gets_exactly_its_steps() -> None:

@@ -1,0 +1,92 @@
+"""Load and warm what the engine core serves: pipelines, attention backend, worker (blocking).
+
+Runs in a thread of the server process or in the engine process; imports no web framework.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model.pipeline import TextEncoderLoader
+from server.catalog import ModelSpec, SamplerInfo, model_spec
+from server.settings import Settings
+from server.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def _resolve_device_dtype(settings: Settings) -> tuple[Any, Any]:
+    import torch
+
+    if settings.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(settings.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("UNET_SERVER_DEVICE=cuda but CUDA is not available")
+    if settings.dtype == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, settings.dtype)
+    return device, dtype
+
+
+@dataclass
+class LoadInfo:
+    """What the HTTP side needs from loading (picklable: an engine process sends it to the parent)."""
+
+    device: str
+    models: dict[str, ModelSpec]
+    samplers: list[SamplerInfo]
+    schedule_configs: dict[str, dict[str, Any]]  # model id -> its scheduler config (to check step counts)
+
+
+def load_worker(settings: Settings, text_encoder_loader: TextEncoderLoader | None) -> tuple[Worker, LoadInfo]:
+    """Load pipelines, pick the attention backend, build and warm the worker (blocking; runs in a thread or
+    in the engine process)."""
+    import torch
+
+    from model.attention import head_dims, select_backend, set_attention_backend
+    from model.pipeline import compile_pipelines, load_pipelines
+    from model.samplers import list_samplers
+
+    s = settings
+    device, dtype = _resolve_device_dtype(s)
+    weights_dir = s.weights_dir
+    if not weights_dir.exists() and not weights_dir.is_absolute():
+        # Installed console script run outside the repo: fall back to the weights beside the package.
+        beside = Path(__file__).resolve().parents[1] / weights_dir
+        if beside.is_dir():
+            weights_dir = beside
+    pipelines = load_pipelines(
+        weights_dir, s.models or None, device=device, dtype=dtype, text_encoder_loader=text_encoder_loader
+    )
+    modules = {id(m): m for p in pipelines.values() for m in (p.unet, p.controlnet) if m is not None}
+    dims: set[int] = set()
+    for m in modules.values():
+        dims |= head_dims(m)
+    preferred = None if s.attention_backend == "auto" else s.attention_backend
+    backend = select_backend(device, dtype, preferred, head_dims=dims or (64,))
+    for m in modules.values():
+        set_attention_backend(m, backend)
+    info = LoadInfo(
+        device=str(device),
+        models={n: model_spec(p) for n, p in pipelines.items()},
+        samplers=[SamplerInfo(**i) for i in list_samplers()],
+        schedule_configs={n: dict(p.schedule.config) for n, p in pipelines.items()},
+    )
+    compiled = 0  # before warm-up: it compiles every bucket, then the graphs capture the compiled kernels
+    if s.compile:
+        compiled = compile_pipelines(pipelines, device, shapes_per_module=2 * len(s.batch_buckets))
+    worker = Worker(pipelines, s.batch_buckets, cuda_graphs=s.cuda_graphs, max_steps_ahead=s.max_steps_ahead)
+    worker.warmup()
+    if compiled:
+        # A shape not warmed (another image size) runs eagerly instead of compiling on the hot path.
+        torch.compiler.set_stance("eager_on_recompile")
+    log.info("loaded %s on %s/%s, attention %s", sorted(pipelines), device, dtype, backend)
+    return worker, info
+
+

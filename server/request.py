@@ -1,0 +1,58 @@
+"""A validated generation request as the engine sees it, and the rules every layer shares about it.
+
+No web imports here: the engine process imports this module (the HTTP side builds the object in
+``server.schemas``; the engine core and the worker only read it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from model.seeds import MAX_SEED, random_seed
+
+__all__ = ["MAX_SEED", "ResolvedRequest", "needs_guidance", "random_seed", "rows_for"]
+
+
+def needs_guidance(guidance_scale: float, has_null_condition: bool) -> bool:
+    """Whether a request runs classifier-free guidance (and so carries unconditional rows).
+
+    ``guidance_scale == 1`` is plain conditional sampling. Any other scale guides when the request has an
+    unconditional counterpart: always for text models (the empty prompt), for class models when a class is
+    given and the model has a null class. Otherwise the request samples without guidance.
+    """
+    return guidance_scale != 1.0 and has_null_condition
+
+
+def rows_for(num_images: int, guided: bool) -> int:
+    """Rows a request occupies in a forward pass: its images, twice with guidance (cond + uncond halves)."""
+    return num_images * (2 if guided else 1)
+
+
+@dataclass
+class ResolvedRequest:
+    """A fully validated generation request with every default filled in."""
+
+    model: str
+    prompt: str | None
+    negative_prompt: str | None
+    class_label: int | None
+    control: Any  # float32 numpy (height, width) in [0, 1], or None
+    control_scale: float
+    num_inference_steps: int
+    sampler: str
+    guidance_scale: float
+    seed: int
+    num_images: int
+    width: int
+    height: int
+    guided: bool  # whether rows carry an unconditional half (model.denoiser.needs_guidance)
+
+    @property
+    def seeds(self) -> list[int]:
+        """Image i of the request uses seed + i, so an image is the same alone or in a larger request."""
+        return [self.seed + i for i in range(self.num_images)]
+
+    @property
+    def rows(self) -> int:
+        return rows_for(self.num_images, self.guided)
