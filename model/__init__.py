@@ -21,7 +21,17 @@ _EXPORTS = {
     "save_pretrained": "model.loading",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ControlNet",
+    "ControlNetConfig",
+    "ControlResiduals",
+    "UNet",
+    "UNetConfig",
+    "WeightsError",
+    "load_controlnet",
+    "load_unet",
+    "save_pretrained",
+]
 
 if TYPE_CHECKING:
     from model.config import ControlNetConfig, UNetConfig

@@ -185,21 +185,3 @@ def clamp_x0(x0: Tensor, clip_range: float | None = 1.0, dynamic_ratio: float | 
     if clip_range is not None:
         return x0.clamp(-clip_range, clip_range)
     return x0
-
-
-def check_guidance(guidance_scale: float, has_null_condition: bool, model_name: str = "this model") -> bool:
-    """Validate a request's guidance scale; return True when it needs an unconditional row.
-
-    guidance_scale == 1 means plain conditional sampling (no uncond rows). Any other value needs a null
-    condition (a null class row or an empty-prompt context); raises ValueError if the model has none.
-    """
-    if not isinstance(guidance_scale, (int, float)) or guidance_scale != guidance_scale:
-        raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
-    if guidance_scale == 1.0:
-        return False
-    if not has_null_condition:
-        raise ValueError(
-            f"guidance_scale={guidance_scale} needs classifier-free guidance, but {model_name} has no null "
-            "condition (unconditional class/prompt); use guidance_scale=1"
-        )
-    return True

@@ -27,12 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The core's thread shares a GIL: with the HTTP event loop (in-process) or with the pipe threads (engine
-# process). CUDA calls release it, and a thread that wants it back waits until the holder yields: at the
-# latest after the switch interval (5 ms by default), which under load would stall every step or delay
-# every completion. 0.5 ms keeps those stalls short.
-GIL_SWITCH_INTERVAL_S = 0.0005
-
 
 class EngineSink(Protocol):
     """Receives what the engine reports (called on the event loop)."""

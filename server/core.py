@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import torch
 
-from server.client import GIL_SWITCH_INTERVAL_S
 from server.messages import (
     AddRequest,
     CancelRequest,
@@ -53,6 +52,7 @@ from server.messages import (
 )
 from server.request import ResolvedRequest
 from server.scheduler import Plan, Scheduler
+from server.settings import GIL_SWITCH_INTERVAL_S
 from server.worker import PendingImages, RequestState, Worker
 
 log = logging.getLogger(__name__)

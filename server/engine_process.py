@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from server.client import GIL_SWITCH_INTERVAL_S, EngineLoadError, EngineSink
+from server.client import EngineLoadError, EngineSink
 from server.messages import (
     PROTOCOL_VERSION,
     AddRequest,
@@ -46,7 +46,7 @@ from server.messages import (
     Stopped,
     ToCore,
 )
-from server.settings import Settings
+from server.settings import GIL_SWITCH_INTERVAL_S, Settings
 
 if TYPE_CHECKING:
     from server.loading import LoadInfo

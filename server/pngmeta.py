@@ -81,7 +81,7 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
     under their own label)."""
     lines = text.rstrip("\n").split("\n")
     last = lines[-1] if lines else ""
-    has_pairs = len(_PAIR_RE.findall(last)) >= 2  # a prompt-only text has no "Steps: …" line
+    has_pairs = len(_PAIR_RE.findall(last)) >= 3  # as A1111: fewer is a prompt line holding colons
     body = lines[:-1] if has_pairs else lines
     prompt: list[str] = []
     negative: list[str] = []

@@ -519,11 +519,12 @@
   async function cancel() {
     const job = state.job;
     if (!job) return;
+    setStatus("Cancelling…"); // before the answer: the job's "cancelled" event may arrive first
     try {
       await api(`v1/jobs/${job.id}/cancel`, { method: "POST" });
-      setStatus("Cancelling…");
     } catch (error) {
-      setStatus(error.message); // 409: already finishing or finished; its events say how it ended
+      // 409: sampling has finished and the result is on its way (its events say how it ended)
+      if (state.job === job) setStatus(error.message);
     }
   }
 
@@ -643,7 +644,7 @@
     const lines = text.replace(/\n+$/, "").split("\n");
     const last = lines[lines.length - 1] || "";
     const pairs = [...last.matchAll(pair)].filter((m) => m[0].trim());
-    const hasPairs = pairs.length >= 2;
+    const hasPairs = pairs.length >= 3; // as A1111: fewer is a prompt line holding colons
     const prompt = [];
     const negative = [];
     let target = prompt;

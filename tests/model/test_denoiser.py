@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from model.denoiser import Denoiser, cfg_combine, check_guidance, clamp_x0
+from model.denoiser import Denoiser, cfg_combine, clamp_x0
 from model.schedules import Schedule, make_sigmas
 
 
@@ -146,10 +146,3 @@ def test_clamp_x0():
     assert dyn.abs().max() <= 1.0 + 1e-6
     # dynamic thresholding divides by s > 1, so it keeps gradations that a hard clamp would flatten
     assert (dyn.abs() < 1.0).float().mean() > (clamp_x0(x0).abs() < 1.0).float().mean()
-
-
-def test_check_guidance():
-    assert check_guidance(1.0, has_null_condition=False) is False
-    assert check_guidance(5.0, has_null_condition=True) is True
-    with pytest.raises(ValueError, match="no null condition"):
-        check_guidance(5.0, has_null_condition=False, model_name="fashion-x")

@@ -1,13 +1,14 @@
-"""Asynchronous read-back of finished images (engine ``_reading`` / ``_collect``), driven on CPU.
+"""Asynchronous read-back of finished images (the core's ``_reading`` / ``_collect``), driven on CPU.
 
 On CPU ``PendingImages.event`` is None, so every read-back is ready at once. These tests wrap
 ``Worker.read_images`` to hand the engine a ``PendingImages`` stand-in that answers ``ready()`` as told
 (and records when it was polled and waited for), so the CUDA-only paths run here: polling between steps,
 waiting when nothing else can run, read-back faults, and the oldest-first completion order.
 
-The engine is driven directly (no HTTP) on one tiny class-conditional model, one batch bucket of 4 rows.
-Requests submitted under the engine's lock share every forward pass from the first one, so with distinct
-step counts they finish (and start their read-backs) in a known order and at known steps.
+The request manager and an in-process core are driven directly (no HTTP) on one tiny class-conditional
+model, one batch bucket of 4 rows. Requests submitted while holding the core's inbox lock reach it in one
+turn and share every forward pass from the first one, so with distinct step counts they finish (and start
+their read-backs) in a known order and at known steps.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import numpy as np
 import pytest
 import torch
 
-from server.engine import Engine, Task
+from server.client import InprocClient
+from server.core import EngineCore
+from server.lifecycle import RequestManager, Task
 from server.metrics import Metrics
-from server.schemas import ResolvedRequest
+from server.request import ResolvedRequest
+from server.settings import Settings
 from server.worker import PendingImages, RequestState, Worker
 from tests.server.conftest import SIZE, FakeTextEncoder, start_server
 
@@ -55,14 +59,14 @@ class GatedPending:
     """A ``PendingImages`` stand-in around the real (CPU, already complete) one.
 
     ``ready()`` answers False for its first ``not_ready_polls`` polls (forever when None), then True.
-    ``wait()`` raises when ``fail`` is set, else returns the real images. Runs on the engine thread, where
-    it records ``engine.steps_run`` and ``probe()`` at creation, at every poll and at the wait.
+    ``wait()`` raises when ``fail`` is set, else returns the real images. Runs on the core's thread, where
+    it records ``core.steps_run`` and ``probe()`` at creation, at every poll and at the wait.
     """
 
     def __init__(
         self,
         inner: PendingImages,
-        engine: Engine,
+        engine: EngineCore,
         probe: Callable[[], Any],
         not_ready_polls: int | None,
         fail: bool = False,
@@ -78,7 +82,7 @@ class GatedPending:
         self.polls.append((self.engine.steps_run, self.probe(), answer))
         return answer
 
-    def wait(self) -> list[np.ndarray]:
+    def wait(self) -> list[np.ndarray | None]:
         self.waited = (self.engine.steps_run, self.probe(), len(self.engine.scheduler))
         if self.fail:
             raise RuntimeError("injected read-back fault")
@@ -86,7 +90,10 @@ class GatedPending:
 
 
 def gate_read_backs(
-    worker: Worker, engine: Engine, specs: Sequence[dict[str, Any]], probe: Callable[[], Any] = lambda: None
+    worker: Worker,
+    engine: EngineCore,
+    specs: Sequence[dict[str, Any]],
+    probe: Callable[[], Any] = lambda: None,
 ) -> list[tuple[int, GatedPending]]:
     """Wrap ``worker.read_images``: its i-th call returns ``GatedPending(**specs[i])`` (later calls: plain).
 
@@ -109,23 +116,34 @@ def gate_read_backs(
 
 
 async def with_engine(
-    pipelines: dict[str, Any], body: Callable[[Engine], Awaitable[None]], drain_timeout: float = TIMEOUT
-) -> Engine:
-    """Run ``body(engine)`` against a started engine over a fresh worker; stop the engine afterwards."""
-    engine = Engine(Worker(pipelines, BUCKETS, cuda_graphs=False), max_queue_size=16, metrics=Metrics())
+    pipelines: dict[str, Any],
+    body: Callable[[RequestManager, EngineCore], Awaitable[None]],
+    drain_timeout: float = TIMEOUT,
+) -> RequestManager:
+    """Run ``body(engine, core)`` against a started in-process engine over a fresh worker; stop it after."""
+    client = InprocClient(Settings())
+    core = client.core = EngineCore(Worker(pipelines, BUCKETS, cuda_graphs=False))
+    engine = RequestManager(client, Metrics(), max_queue_size=16)
     engine.start(asyncio.get_running_loop())
     try:
-        await body(engine)
+        await body(engine, core)
     finally:
         await engine.stop(drain_timeout=drain_timeout)
     assert not engine.running
     return engine
 
 
-def submit_together(engine: Engine, reqs: Sequence[ResolvedRequest]) -> list[Task]:
-    """Admit ``reqs`` atomically (the engine's lock is re-entrant), so they share the first forward pass."""
-    with engine._cond:
+def submit_together(engine: RequestManager, reqs: Sequence[ResolvedRequest]) -> list[Task]:
+    """Admit ``reqs`` in one core turn (the inbox lock is re-entrant), so they share the first pass."""
+    core = engine.client.core  # type: ignore[attr-defined]
+    with core._wake:
         return [engine.submit(r, "generate", timeout=TIMEOUT) for r in reqs]
+
+
+def evaluations(core: EngineCore, tasks: list[Task], i: int) -> int | None:
+    """Denoiser evaluations request ``tasks[i]`` has taken, as the core sees it (core thread)."""
+    req = core._requests.get(tasks[i].id) if len(tasks) > i else None
+    return None if req is None or req.state is None else req.state.evaluations
 
 
 async def finish(*tasks: Task) -> None:
@@ -140,7 +158,7 @@ def reference_pngs(pipelines: dict[str, Any], req: ResolvedRequest) -> list[byte
     key = (req.num_inference_steps, req.seed, req.class_label, req.num_images)
     if key not in _reference:
 
-        async def body(engine: Engine) -> None:
+        async def body(engine: RequestManager, core: EngineCore) -> None:
             (task,) = submit_together(engine, [req])
             await finish(task)
             assert task.status == "completed", task.error_message
@@ -157,11 +175,11 @@ def test_engine_keeps_stepping_while_a_read_back_is_pending(pipelines: dict[str,
     a_req, b_req = request(2, seed=11, label=1), request(30, seed=12, label=2)
     tasks: list[Task] = []
 
-    async def body(engine: Engine) -> None:
+    async def body(engine: RequestManager, core: EngineCore) -> None:
         started = gate_read_backs(
-            engine.worker, engine, [{"not_ready_polls": k}], probe=lambda: tasks[1].step
+            core.worker, core, [{"not_ready_polls": k}], probe=lambda: evaluations(core, tasks, 1)
         )
-        with engine._cond:  # `tasks` is filled before the engine's first step (the probe reads it)
+        with core._wake:  # `tasks` is filled before the core's first step (the probe reads it)
             tasks.extend(submit_together(engine, [a_req, b_req]))
         a, b = tasks
         await finish(a)
@@ -183,7 +201,7 @@ def test_engine_keeps_stepping_while_a_read_back_is_pending(pipelines: dict[str,
         waited_step, b_step, entries = pending.waited
         assert waited_step == 2 + k and b_step == 2 + k  # completed right after the first True
         assert entries == 1  # b was still running when a completed
-        assert engine.steps_run == 30
+        assert core.steps_run == 30
 
     asyncio.run(with_engine(pipelines, body))
     a, b = tasks
@@ -198,8 +216,8 @@ def test_read_back_is_waited_for_when_nothing_else_runs(pipelines: dict[str, Any
     req = request(3, seed=21, label=0, num_images=2)
     tasks: list[Task] = []
 
-    async def body(engine: Engine) -> None:
-        started = gate_read_backs(engine.worker, engine, [{"not_ready_polls": None}])
+    async def body(engine: RequestManager, core: EngineCore) -> None:
+        started = gate_read_backs(core.worker, core, [{"not_ready_polls": None}])
         tasks.extend(submit_together(engine, [req]))
         await finish(*tasks)
         assert tasks[0].status == "completed", tasks[0].error_message
@@ -208,7 +226,7 @@ def test_read_back_is_waited_for_when_nothing_else_runs(pipelines: dict[str, Any
         # Exactly one non-blocking poll (the top of the next loop turn), then the blocking wait: no spin.
         assert [answer for _, _, answer in pending.polls] == [False]
         assert pending.waited is not None and pending.waited[0] == 3 and pending.waited[2] == 0
-        assert engine.steps_run == 3  # nothing else ran
+        assert core.steps_run == 3  # nothing else ran
 
     asyncio.run(with_engine(pipelines, body))
     (task,) = tasks
@@ -222,8 +240,8 @@ def test_stop_completes_a_pending_read_back(pipelines: dict[str, Any]) -> None:
     a_req, c_req = request(2, seed=31), request(900, seed=32)
     tasks: list[Task] = []
 
-    async def body(engine: Engine) -> None:
-        started = gate_read_backs(engine.worker, engine, [{"not_ready_polls": None}])
+    async def body(engine: RequestManager, core: EngineCore) -> None:
+        started = gate_read_backs(core.worker, core, [{"not_ready_polls": None}])
         tasks.extend(submit_together(engine, [a_req, c_req]))
         c = tasks[1]
         loop = asyncio.get_running_loop()
@@ -249,8 +267,8 @@ def test_failed_read_back_fails_only_its_requests(pipelines: dict[str, Any]) -> 
     b_req, c_req = request(5, seed=43, label=2), request(3, seed=44, label=1)
     tasks: list[Task] = []
 
-    async def body(engine: Engine) -> None:
-        started = gate_read_backs(engine.worker, engine, [{"not_ready_polls": 2, "fail": True}])
+    async def body(engine: RequestManager, core: EngineCore) -> None:
+        started = gate_read_backs(core.worker, core, [{"not_ready_polls": 2, "fail": True}])
         tasks.extend(submit_together(engine, [a1_req, a2_req, b_req]))
         await finish(*tasks)
         ((count, pending),) = started
@@ -281,15 +299,15 @@ def test_oldest_read_back_holds_back_later_ready_ones(pipelines: dict[str, Any])
     tasks: list[Task] = []
     completed: list[str] = []
 
-    async def body(engine: Engine) -> None:
-        started = gate_read_backs(engine.worker, engine, [{"not_ready_polls": k}, {"not_ready_polls": 0}])
-        real = engine._after_complete
+    async def body(engine: RequestManager, core: EngineCore) -> None:
+        started = gate_read_backs(core.worker, core, [{"not_ready_polls": k}, {"not_ready_polls": 0}])
+        real = engine._complete
 
-        def record(task: Task) -> None:  # runs as each task completes, in completion order
+        def record(task: Task, images: Any) -> None:  # runs as each task completes, in completion order
             completed.append(task.id)
-            real(task)
+            real(task, images)
 
-        engine._after_complete = record  # type: ignore[method-assign]
+        engine._complete = record  # type: ignore[method-assign]
         tasks.extend(submit_together(engine, [a_req, b_req, c_req]))
         await finish(*tasks)
         (_, first), (_, second) = started
@@ -325,8 +343,7 @@ def test_cpu_read_back_is_ready_at_once(pipelines: dict[str, Any]) -> None:
 def test_failed_read_back_is_a_500_with_error_id_over_http(weights_dir: Path) -> None:
     server = start_server(weights_dir, models=["tiny-class"], batch_buckets=[4], max_batch_rows=4)
     try:
-        worker, engine = server.engine.worker, server.engine
-        gate_read_backs(worker, engine, [{"not_ready_polls": 1, "fail": True}])
+        gate_read_backs(server.core.worker, server.core, [{"not_ready_polls": 1, "fail": True}])
         body = {"class_label": 0, "num_inference_steps": 3, "guidance_scale": 1, "seed": 7}
         with server.client() as c:
             r = c.post("/generate", json=body)
@@ -347,10 +364,10 @@ def test_read_back_whose_ready_raises_fails_its_requests(pipelines: dict[str, An
         def ready(self) -> bool:
             raise RuntimeError("injected poll fault")
 
-    async def body(engine: Engine) -> None:
-        real = engine.worker.read_images
-        engine.worker.read_images = lambda states: Broken(  # type: ignore[method-assign]
-            real(states), engine, lambda: None, not_ready_polls=None
+    async def body(engine: RequestManager, core: EngineCore) -> None:
+        real = core.worker.read_images
+        core.worker.read_images = lambda states: Broken(  # type: ignore[method-assign]
+            real(states), core, lambda: None, not_ready_polls=None
         )
         tasks.extend(submit_together(engine, [request(2, seed=71), request(6, seed=72)]))
         loop = asyncio.get_running_loop()
@@ -369,7 +386,7 @@ def test_cancel_during_read_back_is_409_finishing_then_the_job_completes(weights
     "running"), and its images still arrive."""
     server = start_server(weights_dir, models=["tiny-class"], batch_buckets=[4], max_batch_rows=4)
     try:
-        started = gate_read_backs(server.engine.worker, server.engine, [{"not_ready_polls": None}])
+        started = gate_read_backs(server.core.worker, server.core, [{"not_ready_polls": None}])
         with server.client() as c:
             long = c.post(
                 "/v1/jobs",
