@@ -119,6 +119,7 @@ def create_app(
     text_encoder_loader: Callable[..., Any] | None = None,
 ) -> FastAPI:
     """Build the app. ``text_encoder_loader(device, dtype)`` overrides the text encoder (tests)."""
+    from server.playground import router as playground_router
     from server.routes import router
 
     settings = settings or Settings()
@@ -174,6 +175,7 @@ def create_app(
     )
     app.state.server = state
     app.include_router(router)
+    app.include_router(playground_router)
     app.add_middleware(_CountRequests, metrics=metrics)
 
     # Error bodies keep FastAPI's ``detail`` and add a top-level ``message`` (what OpenAI's client shows).

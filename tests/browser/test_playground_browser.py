@@ -84,7 +84,8 @@ def wait_done(pg: Page) -> list[str]:
     """Wait for the results; their base64 PNGs."""
     pg.page.wait_for_function("() => document.querySelectorAll('#results img').length > 0 && "
                               "document.getElementById('job-status').textContent.startsWith('Done')")
-    return [data_url_b64(s) for s in pg.page.eval_on_selector_all("#results img", "els => els.map(e => e.src)")]
+    srcs = pg.page.eval_on_selector_all("#results img", "els => els.map(e => e.src)")
+    return [data_url_b64(s) for s in srcs]
 
 
 # Per shipped model: the form a person fills, and the request it must turn into.
@@ -141,7 +142,7 @@ def test_generate_each_model_matches_the_api(pg: Page, server: Server, model: st
     reference = api_generate(server, expected)
     assert reference["seeds"] == [params["seed"] + i for i in range(params["num_images"])]
     assert len(images) == params["num_images"]
-    for mine, theirs in zip(images, reference["images"]):
+    for mine, theirs in zip(images, reference["images"], strict=True):
         assert np.array_equal(pixels(mine), pixels(theirs))
     seeds = pg.page.eval_on_selector_all("#results img", "els => els.map(e => Number(e.dataset.seed))")
     assert seeds == reference["seeds"]
@@ -325,8 +326,9 @@ def test_api_key_is_asked_for_and_kept_in_the_browser(browser, server: Server) -
         pg.page.goto(server.url + "/playground")
         pg.page.wait_for_selector("#key-dialog[open]")
         pg.page.fill("#key-input", "wrong")
+        refused = "() => document.getElementById('key-error').textContent.includes('refused')"
         pg.page.click("#key-form button[value=save]")
-        pg.page.wait_for_function("() => document.getElementById('key-error').textContent.includes('refused')")
+        pg.page.wait_for_function(refused)
         key = server.headers["Authorization"].split(" ", 1)[1]
         pg.page.fill("#key-input", key)
         pg.page.click("#key-form button[value=save]")
