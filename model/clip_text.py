@@ -120,7 +120,9 @@ class CLIPTextEncoder:
             states = self.model(ids, attention_mask=mask).last_hidden_state  # (B, L, D), after final LN
         else:
             out = self.model(ids, attention_mask=mask, output_hidden_states=True)
-            states = self.model.text_model.final_layer_norm(out.hidden_states[-(skip + 1)])  # (B, L, D)
+            # transformers < 5 nests the layers in .text_model; 5.x has them on the model itself
+            final_norm = getattr(self.model, "text_model", self.model).final_layer_norm
+            states = final_norm(out.hidden_states[-(skip + 1)])  # (B, L, D)
         truncated = [n > self.max_length for n in counts]
         if any(truncated):
             log.debug("%d of %d prompts truncated to %d tokens", sum(truncated), len(counts), self.max_length)
