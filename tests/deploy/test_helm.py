@@ -123,7 +123,10 @@ def test_values_schema_rejects_what_the_server_would_reject() -> None:
     # The `settings` block of values.schema.json is the server's own settings schema (less what the chart
     # sets itself), so a typo or out-of-range setting fails at `helm install`, not at pod start.
     schema = json.loads((CHART / "values.schema.json").read_text())
-    assert schema["properties"]["settings"] == settings_values_schema()
+    assert schema["properties"]["settings"] == settings_values_schema(), (
+        "server/settings.py changed: paste `python -m tests.deploy._helm --settings-schema` into "
+        "values.schema.json's properties.settings (and add the setting to values.yaml if it matters)"
+    )
     for bad, why in [
         ("settings.max_batch_rowz=64", "max_batch_rowz"),
         ("settings.max_batch_rows=5000", "max_batch_rows"),
