@@ -167,7 +167,7 @@ def list_models(weights_dir: str | Path) -> list[str]:
 def model_folder(weights_dir: str | Path, name: str, variant: str | None = None) -> tuple[Path, Path]:
     """(folder, confinement root) of model ``name``: ``weights_dir/name``, or for a hub id ``org/name`` not
     present there, its snapshot folder in the hub cache (fetched unless offline; model.hub)."""
-    from model.hub import HubError, is_hub_id, repo_folder, resolve_hub_id
+    from model.hub import HubError, is_hub_id, resolve_hub_id
 
     root = Path(weights_dir).resolve()
     if _NAME_RE.match(name):
@@ -182,7 +182,7 @@ def model_folder(weights_dir: str | Path, name: str, variant: str | None = None)
         snapshot = resolve_hub_id(name, variant=variant)
     except HubError as exc:
         raise PipelineError(str(exc)) from exc
-    repo_root = repo_folder(name, snapshot.parents[1]).resolve()
+    repo_root = snapshot.parents[1].resolve()  # <cache>/models--org--name: snapshots link into its blobs/
     return _confined(repo_root, "snapshots", snapshot.name), repo_root
 
 
