@@ -457,7 +457,7 @@
         $("progress").value = data.step;
         setStatus(`Step ${data.step} / ${data.total_steps}`);
       } else if (event === "preview") {
-        $("preview").src = `data:image/png;base64,${data.image}`;
+        showPreviews(data.images || [data.image]);
         $("preview-caption").textContent = `preview at step ${data.step} / ${data.total_steps}`;
         $("preview-box").hidden = false;
       } else if (event === "completed") {
@@ -474,6 +474,20 @@
     const info = await api(`v1/jobs/${job.id}`);
     if (info.status === "completed") return info;
     throw new ApiError(0, { message: `the event stream ended while the job was ${info.status}` });
+  }
+
+  // One preview per image of the job; the first keeps id "preview".
+  function showPreviews(images) {
+    const box = $("previews");
+    while (box.children.length < images.length) {
+      const img = document.createElement("img");
+      img.alt = "live preview";
+      box.append(img);
+    }
+    while (box.children.length > Math.max(images.length, 1)) box.lastElementChild.remove();
+    images.forEach((image, i) => {
+      box.children[i].src = `data:image/png;base64,${image}`;
+    });
   }
 
   function finish(info, params) {

@@ -38,7 +38,6 @@ def test_no_previews_unless_asked(client: httpx.Client) -> None:
     assert "preview" not in names
 
 
-@pytest.mark.xfail(reason="awaiting engine preview", strict=False)
 def test_previews_every_k_steps_when_asked(client: httpx.Client) -> None:
     body = {"model": "tiny-text", "prompt": "a coat", "num_inference_steps": 6, "seed": 2, "num_images": 2}
     events = job_events(client, {**body, "preview_every": 2})
