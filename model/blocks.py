@@ -59,10 +59,12 @@ class ResnetBlock2D(nn.Module):
         if self.time_emb_proj is None:
             h = self.norm2(h)
         elif self.scale_shift:
+            assert emb is not None, "this resnet injects a time embedding"
             t = self.time_emb_proj(F.silu(emb))[:, :, None, None]  # (B, 2*Cout, 1, 1)
             scale, shift = t.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
+            assert emb is not None, "this resnet injects a time embedding"
             h = self.norm2(h + self.time_emb_proj(F.silu(emb))[:, :, None, None])  # t: (B, Cout, 1, 1)
         h = self.conv2(self.dropout(F.silu(h)))
         if self.conv_shortcut is not None:
@@ -110,7 +112,7 @@ class DownBlock(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        temb_channels: int,
+        temb_channels: int | None,
         num_layers: int,
         add_downsample: bool,
         groups: int,
@@ -170,7 +172,7 @@ class UpBlock(nn.Module):
         in_channels: int,
         prev_output_channels: int,
         out_channels: int,
-        temb_channels: int,
+        temb_channels: int | None,
         num_layers: int,
         add_upsample: bool,
         groups: int,
@@ -222,7 +224,7 @@ class MidBlock(nn.Module):
     def __init__(
         self,
         channels: int,
-        temb_channels: int,
+        temb_channels: int | None,
         num_layers: int,
         groups: int,
         eps: float,

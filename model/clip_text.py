@@ -20,6 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ class TextEncoding:
 class CLIPTextEncoder:
     """Tokenizer + CLIPTextModel: `encode(prompts) -> (B, 77, D)`; the unconditional context: encode([""])."""
 
-    def __init__(self, tokenizer, model, clip_skip: int | None = None) -> None:
+    def __init__(self, tokenizer: Any, model: Any, clip_skip: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.model = model
         self.clip_skip = clip_skip  # default for encode() when the call gives none
@@ -76,7 +77,7 @@ class CLIPTextEncoder:
         enc_dir, tok_dir = Path(text_encoder_dir), Path(tokenizer_dir)
         _, found = find_weights(enc_dir, "model", variant)  # refuses .bin-only folders, never unpickles
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-        model = CLIPTextModel.from_pretrained(
+        model: Any = CLIPTextModel.from_pretrained(
             str(enc_dir),
             local_files_only=True,
             use_safetensors=True,

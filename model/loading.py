@@ -1,4 +1,5 @@
-"""Diffusers-layout folders <-> modules: config.json + diffusion_pytorch_model.safetensors (or sharded).
+"""Diffusers-layout folders <-> modules: config.json + diffusion_pytorch_model.safetensors (or sharded, or a
+variant such as diffusion_pytorch_model.fp16.safetensors) for the U-Net, ControlNet and VAE (AutoencoderKL).
 
 Strict: missing or unexpected keys and shape mismatches are errors naming the keys. safetensors only —
 pickle checkpoints (.bin/.ckpt/.pt/.pth) are refused, never unpickled. The module is built on the meta
@@ -11,6 +12,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
@@ -175,15 +177,18 @@ def _check_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]], where: Pat
         raise WeightsError(f"weights in {where} do not match config.json: " + "; ".join(problems))
 
 
+M = TypeVar("M", bound=nn.Module)
+
+
 def _load(
-    model_cls: type[nn.Module],
+    model_cls: type[M],
     config: UNetConfig | ControlNetConfig | VAEConfig,
     folder: Path,
     device: torch.device | str | None,
     dtype: torch.dtype | None,
     attention_backend: str | None,
     variant: str | None = None,
-) -> nn.Module:
+) -> M:
     device = torch.device(device if device is not None else "cpu")
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32

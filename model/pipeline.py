@@ -120,7 +120,7 @@ class Pipeline:
         f = self.vae_scale_factor
         if height % f or width % f:
             raise ValueError(f"{height}x{width} is not a multiple of the latent factor {f}")
-        return (self.latent_channels, height // f, width // f)
+        return (self.latent_channels or self.image_channels, height // f, width // f)
 
     @property
     def size_multiple(self) -> int:
