@@ -26,7 +26,6 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import (
-    LOCAL_ENV,
     REPO,
     STARTUP_TIMEOUT_S,
     WEIGHTS,
@@ -37,6 +36,16 @@ from tests.integration.conftest import (
     missing_shipped_models,
 )
 
+# CPU fp32 (a seed gives the same bytes from the page and from the API) with small buckets: quick warm-up,
+# and a 16-row forward pass that one 8-image guided job fills (the queue test relies on it).
+SERVER_ENV = {
+    "UNET_SERVER_DEVICE": "cpu",
+    "UNET_SERVER_DTYPE": "float32",
+    "UNET_SERVER_MAX_BATCH_ROWS": "16",
+    "UNET_SERVER_BATCH_BUCKETS": "4,8,16",
+    "UNET_SERVER_MAX_IMAGES": "8",
+    "UNET_SERVER_LOG_LEVEL": "warning",
+}
 KEY_STORE = "unet-playground.apiKey"
 GALLERY_STORE = "unet-playground.gallery"
 
@@ -85,7 +94,7 @@ def server() -> Iterator[Server]:
     log_path = Path(tempfile.mkdtemp(prefix="unet-server-browser-")) / "server.log"
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("UNET_SERVER_") or k == "UNET_SERVER_TEXT_ENCODER_DIR"}
-    env.update(LOCAL_ENV, UNET_SERVER_WEIGHTS_DIR=str(WEIGHTS), UNET_SERVER_API_KEY=api_key,
+    env.update(SERVER_ENV, UNET_SERVER_WEIGHTS_DIR=str(WEIGHTS), UNET_SERVER_API_KEY=api_key,
                PYTHONUNBUFFERED="1")
     cmd = [*container_command(), "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log:

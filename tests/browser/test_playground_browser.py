@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import httpx
 import numpy as np
@@ -169,13 +170,33 @@ def test_live_preview_appears(pg: Page) -> None:
     assert pg.page.inner_text("#preview-caption").endswith("/ 12")
 
 
-def test_cancel_a_long_job(pg: Page, server: Server) -> None:
+def test_queue_position_then_cancel_a_long_job(pg: Page, server: Server) -> None:
     steps = 200
-    fill(pg, "fashion-text", {"prompt": "a dark blue coat", "seed": 9, "num_inference_steps": steps,
-                              "num_images": 4})
-    with pg.page.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.status == 202) as info:
-        pg.page.click("#generate")
-    job_id = info.value.json()["id"]
+    with server.client() as c:
+        # A job that takes every row of a forward pass (8 images x 2 guidance halves = max_batch_rows 16),
+        # so the page's job has to wait behind it.
+        blocker = c.post("/v1/jobs", json={"model": "fashion-text", "prompt": "a bag", "num_images": 8,
+                                           "num_inference_steps": steps, "seed": 1}).json()
+    assert blocker["status"] in ("queued", "running"), blocker
+    try:
+        fill(pg, "fashion-text", {"prompt": "a dark blue coat", "seed": 9, "num_inference_steps": steps,
+                                  "num_images": 4})
+        with pg.page.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.status == 202) as info:
+            pg.page.click("#generate")
+        job_id = info.value.json()["id"]
+        # Once the blocker runs, this job is next in line (the page keeps asking while it waits).
+        with server.client() as c:
+            for _ in range(100):
+                if c.get(f"/v1/jobs/{job_id}").json()["queue_position"] == 0:
+                    break
+                time.sleep(0.1)
+        pg.page.wait_for_function(
+            "() => document.getElementById('job-status').textContent === 'Queued: next in line.'")
+        assert pg.page.eval_on_selector("#progress", "e => e.value") == 0
+    finally:
+        with server.client() as c:
+            c.post(f"/v1/jobs/{blocker['id']}/cancel")
+    # Once the blocker is gone the job runs; Cancel stops it mid-run.
     pg.page.wait_for_function("() => document.getElementById('progress').value >= 2")
     assert pg.page.is_enabled("#cancel")
     pg.page.click("#cancel")
@@ -188,7 +209,24 @@ def test_cancel_a_long_job(pg: Page, server: Server) -> None:
     assert pg.page.eval_on_selector_all("#results img", "els => els.length") == 0
 
 
-def test_validation_errors_show_next_to_their_field(pg: Page, server: Server) -> None:
+def test_a_drawn_control_map_is_what_is_sent(pg: Page) -> None:
+    fill(pg, "fashion-text-edges", {"prompt": "a white shirt", "seed": 4, "num_inference_steps": 3})
+    box = pg.page.locator("#control-canvas").bounding_box()
+    cell = box["width"] / 32  # the canvas holds 32 x 32 pixels, shown enlarged
+    pg.page.mouse.move(box["x"] + 4.5 * cell, box["y"] + 16.5 * cell)
+    pg.page.mouse.down()
+    for x in range(5, 28):
+        pg.page.mouse.move(box["x"] + (x + 0.5) * cell, box["y"] + 16.5 * cell)
+    pg.page.mouse.up()
+    pg.page.click("#generate")
+    wait_done(pg)
+    sent = pixels(pg.job_bodies()[-1]["control_image"])[..., 0]  # (32, 32) red channel of the canvas PNG
+    assert sent.shape == (32, 32)
+    assert (sent[16, 6:26] > 200).all()  # the stroke, white
+    assert sent[:12].max() == 0 and sent[21:].max() == 0  # black away from it
+
+
+def test_validation_errors_show_next_to_their_field(pg: Page, server: Server, tmp_path) -> None:
     fill(pg, "fashion-class", {"class_label": 1, "num_inference_steps": 100000, "seed": 1})
     pg.page.fill("#width", "30")
     pg.page.click("#generate")
@@ -210,6 +248,7 @@ def test_validation_errors_show_next_to_their_field(pg: Page, server: Server) ->
         r = c.post("/v1/jobs", json=pg.job_bodies()[-1])
     assert pg.page.inner_text("[data-error-for=width]") == r.json()["detail"][0]["msg"]
     assert "multiple of 4" in pg.page.inner_text("[data-error-for=width]")
+    pg.page.screenshot(path=str(tmp_path / "validation.png"))
 
 
 def read_form(pg: Page) -> dict:
