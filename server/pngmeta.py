@@ -63,6 +63,27 @@ def parameters_text(params: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def image_parameters(request: Any, index: int = 0, class_name: str | None = None) -> dict[str, Any]:
+    """The parameters of image ``index`` of a ``server.request.ResolvedRequest`` (API field names, its own
+    seed, None values left out). ``class_name``: the model's name for ``request.class_label``. The control
+    map itself is not carried (an image, not a parameter); its scale is, when one was sent."""
+    params = {
+        "model": request.model,
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "class_label": request.class_label,
+        "class_name": class_name if request.class_label is not None else None,
+        "sampler": request.sampler,
+        "num_inference_steps": request.num_inference_steps,
+        "guidance_scale": request.guidance_scale,
+        "seed": request.seed + index,
+        "width": request.width,
+        "height": request.height,
+        "control_scale": request.control_scale if request.control is not None else None,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
 def parameters_chunks(params: dict[str, Any]) -> PngImagePlugin.PngInfo:
     """Pillow ``PngInfo`` with both chunks, for ``Image.save(..., pnginfo=...)``.
 

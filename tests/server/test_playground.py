@@ -14,6 +14,7 @@ from PIL import Image, PngImagePlugin
 
 from server.playground import STATIC_DIR, router
 from server.pngmeta import (
+    image_parameters,
     parameters_chunks,
     parameters_text,
     parse_parameters_text,
@@ -167,3 +168,27 @@ def test_prompt_only_text_and_pngs_without_parameters() -> None:
                                           "sampler": "euler"}
     # Fewer than three pairs is a prompt that happens to hold colons (as A1111 reads it).
     assert parse_parameters_text("style: ink, mood: dark") == {"prompt": "style: ink, mood: dark"}
+
+
+def test_image_parameters_of_a_resolved_request() -> None:
+    import numpy as np
+
+    from server.request import ResolvedRequest
+
+    req = ResolvedRequest(
+        model="fashion-text-edges", prompt="a coat", negative_prompt=None, class_label=None,
+        control=np.zeros((32, 32), np.float32), control_scale=0.5, num_inference_steps=9, sampler="euler",
+        guidance_scale=3.0, seed=40, num_images=3, width=32, height=32, guided=True,
+    )
+    assert image_parameters(req, 2) == {
+        "model": "fashion-text-edges", "prompt": "a coat", "sampler": "euler", "num_inference_steps": 9,
+        "guidance_scale": 3.0, "seed": 42, "width": 32, "height": 32, "control_scale": 0.5,
+    }
+    cls = ResolvedRequest(
+        model="fashion-class", prompt=None, negative_prompt=None, class_label=7, control=None,
+        control_scale=1.0, num_inference_steps=5, sampler="heun", guidance_scale=2.0, seed=0, num_images=1,
+        width=32, height=32, guided=True,
+    )
+    params = image_parameters(cls, 0, class_name="Sneaker")
+    assert params["class_label"] == 7 and params["class_name"] == "Sneaker" and "control_scale" not in params
+    assert read_parameters(_png(parameters_chunks(params))) == params
