@@ -30,7 +30,8 @@ VOCAB_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # real SD tokenizers: SD 1.x pads with EOS, SD 2.x with "!"
 PAD_TOKENS = {"sd1": EOS, "sd2": "!"}
-_CACHE = Path(tempfile.gettempdir()) / "unet-server-test-clip-tokenizer"
+# UNET_SERVER_TEST_CACHE: where the wheel and the built tokenizers are kept (default: the temp dir)
+_CACHE = Path(os.environ.get("UNET_SERVER_TEST_CACHE") or tempfile.gettempdir()) / "unet-server-clip-tok"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -121,6 +122,77 @@ def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
+# unet/config.json of stable-diffusion-v1-5/stable-diffusion-v1-5 (as published, diffusers 0.6.0)
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": [
+        "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"
+    ],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+# unet/config.json of stabilityai/stable-diffusion-2-1 (768-v): linear projections, 5/10/20/20 heads of 64,
+# upcast attention, OpenCLIP-H context (1024)
+SD21_UNET = {
+    **SD15_UNET,
+    "_diffusers_version": "0.10.0.dev0",
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "dual_cross_attention": False,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "sample_size": 96,
+    "upcast_attention": True,
+    "use_linear_projection": True,
+}
+# vae/config.json and text_encoder/config.json of stable-diffusion-v1-5 (CLIP ViT-L/14's text tower)
+SD15_VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+SD15_TEXT_ENCODER = {
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+
 SD15_SCHEDULER = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -209,11 +281,48 @@ def build_tiny_sd(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(root, safe_serialization=True)
-    # the tokenizer files as the SD 1.5 / 2.1 repositories ship them (vocab.json + merges.txt), not the
-    # tokenizer.json transformers 5 writes
+    _ship_tokenizer(root, tok_dir)
+    return root
+
+
+def _ship_tokenizer(root: Path, tok_dir: Path) -> None:
+    """The tokenizer files as the SD 1.5 / 2.1 repositories ship them (vocab.json + merges.txt), instead of
+    the tokenizer.json transformers 5 writes."""
     tok_out = root / "tokenizer"
     for f in tok_out.iterdir():
         f.unlink()
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
         (tok_out / name).write_bytes((tok_dir / name).read_bytes())
+
+
+def build_sd15_random(root: Path, seed: int = 0, variant: str | None = None) -> Path:
+    """A StableDiffusionPipeline folder with SD 1.5's real configs and random weights (seeded), saved in
+    fp16 (as ``*.fp16.safetensors`` when variant="fp16", else as the plain files), PNDM scheduler.
+
+    ~1.1 B parameters: takes ~1 min and ~6 GB of RAM on CPU to build, 2 GB on disk. The tokenizer is
+    `clip_tokenizer_dir("sd1")` (needs the open-clip-torch wheel once; point UNET_SERVER_TEST_CACHE at a
+    folder carried to machines without a package index).
+    """
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = Path(root)
+    tok_dir, _ = clip_tokenizer_dir("sd1")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel.from_config(SD15_UNET).half().eval()
+    vae = diffusers.AutoencoderKL.from_config(SD15_VAE).half().eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER)).half().eval()
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root, safe_serialization=True, variant=variant)
+    _ship_tokenizer(root, tok_dir)
     return root

@@ -10,49 +10,12 @@ import torch
 
 from model import UNet, UNetConfig, load_unet
 from tests.model.helpers import perturb, rel_err
+from tests.model.sd_helpers import SD15_UNET, SD21_UNET
 
 diffusers = pytest.importorskip("diffusers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
 
-# unet/config.json of stable-diffusion-v1-5/stable-diffusion-v1-5 (as published, diffusers 0.6.0)
-SD15_UNET = {
-    "_class_name": "UNet2DConditionModel",
-    "_diffusers_version": "0.6.0",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": [
-        "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"
-    ],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-# unet/config.json of stabilityai/stable-diffusion-2-1 (768-v): linear projections, 5/10/20/20 heads of 64,
-# upcast attention, OpenCLIP-H context (1024)
-SD21_UNET = {
-    **SD15_UNET,
-    "_diffusers_version": "0.10.0.dev0",
-    "attention_head_dim": [5, 10, 20, 20],
-    "cross_attention_dim": 1024,
-    "dual_cross_attention": False,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "sample_size": 96,
-    "upcast_attention": True,
-    "use_linear_projection": True,
-}
 PARAMS = {"sd15": (SD15_UNET, 859_520_964), "sd21": (SD21_UNET, 865_910_724)}  # published sizes
 
 
