@@ -145,7 +145,12 @@ def create_app(
             state.load_error = str(exc) if own else f"{type(exc).__name__}: {exc}"
             return
         apply_load_info(state, info)
-        engine = RequestManager(client, metrics, settings.max_queue_size, settings.max_finished_jobs)
+        class_names = {
+            name: [c.name for c in spec.conditioning.classes or []] for name, spec in info.models.items()
+        }
+        engine = RequestManager(
+            client, metrics, settings.max_queue_size, settings.max_finished_jobs, class_names=class_names
+        )
         if info.device.startswith("cuda"):
             metrics.set_gpu_memory_source(lambda: engine.gpu_bytes)
         engine.start(asyncio.get_running_loop())

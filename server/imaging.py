@@ -16,7 +16,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -25,21 +25,24 @@ class ImageDecodeError(ValueError):
     """The control image is not decodable or breaks a size limit; the message says which."""
 
 
-def to_png(image: np.ndarray) -> bytes:
-    """PNG bytes of one uint8 image, (H, W) or (H, W, C) with C in {1, 3}."""
+def to_png(image: np.ndarray, pnginfo: PngImagePlugin.PngInfo | None = None) -> bytes:
+    """PNG bytes of one uint8 image, (H, W) or (H, W, C) with C in {1, 3}; ``pnginfo``: text chunks."""
     if image.dtype != np.uint8:
         raise TypeError(f"expected uint8, got {image.dtype}")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]  # (H, W)
     mode = "L" if image.ndim == 2 else "RGB"
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image), mode=mode).save(buf, format="PNG", compress_level=1)
+    Image.fromarray(np.ascontiguousarray(image), mode=mode).save(
+        buf, format="PNG", compress_level=1, pnginfo=pnginfo
+    )
     return buf.getvalue()
 
 
-def to_pngs(images: np.ndarray) -> list[bytes]:
-    """PNG bytes of each image in a uint8 batch (N, H, W, C)."""
-    return [to_png(img) for img in images]
+def to_pngs(images: np.ndarray, pnginfos: list[PngImagePlugin.PngInfo] | None = None) -> list[bytes]:
+    """PNG bytes of each image in a uint8 batch (N, H, W, C), with ``pnginfos[i]``'s chunks when given."""
+    infos = pnginfos if pnginfos is not None else [None] * len(images)
+    return [to_png(img, info) for img, info in zip(images, infos, strict=True)]
 
 
 def from_png(data: bytes) -> np.ndarray:

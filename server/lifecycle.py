@@ -23,6 +23,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,7 @@ from server.messages import (
     Started,
 )
 from server.metrics import Metrics
+from server.pngmeta import image_parameters, parameters_chunks
 from server.request import ResolvedRequest
 
 log = logging.getLogger(__name__)
@@ -175,8 +177,11 @@ class RequestManager:
         metrics: Metrics,
         max_queue_size: int,
         max_finished_jobs: int = 1000,
+        class_names: Mapping[str, list[str]] | None = None,
     ) -> None:
+        """``class_names``: per model, for the PNG parameters of class-conditional images."""
         self.client = client
+        self.class_names = dict(class_names or {})
         self.metrics = metrics
         self.max_queue_size = max_queue_size
         self.max_finished_jobs = max_finished_jobs
@@ -388,9 +393,16 @@ class RequestManager:
             log.exception("PNG encoding failed (error_id=%s, request=%s)", error_id, task.id)
             task.fail(500, f"internal error while encoding (error id {error_id})", error_id)
 
+        def encode_now() -> list[bytes]:
+            r = task.request
+            names = self.class_names.get(r.model) or []
+            name = names[r.class_label] if r.class_label is not None and r.class_label < len(names) else None
+            infos = [parameters_chunks(image_parameters(r, i, name)) for i in range(len(images))]
+            return to_pngs(images, infos)
+
         async def encode() -> None:
             try:
-                pngs = await run_in_threadpool(to_pngs, images)
+                pngs = await run_in_threadpool(encode_now)
             except Exception:
                 encoding_failed()
                 return
@@ -400,7 +412,7 @@ class RequestManager:
             asyncio.ensure_future(encode())
             return
         try:
-            pngs = to_pngs(images)
+            pngs = encode_now()
         except Exception:
             encoding_failed()
             return

@@ -232,7 +232,7 @@ def _job_info(task: Task, engine: RequestManager) -> JobInfo:
                          error_id=task.error_id)
     return JobInfo(
         id=task.id,
-        status=task.status,  # type: ignore[arg-type]
+        status=task.status,
         model=task.request.model,
         step=task.step,
         total_steps=task.total_steps,

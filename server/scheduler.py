@@ -179,12 +179,8 @@ class Scheduler:
         for entry in plan.entries:
             if entry.id in self._entries:
                 entry.steps_done += 1
-        done = []
-        for entry_id in finished:
-            entry = self.remove(entry_id)
-            if entry is not None:
-                done.append(entry)
-        return done
+        removed = (self.remove(entry_id) for entry_id in finished)
+        return [e for e in removed if e is not None]
 
     # -- introspection ------------------------------------------------------------------------
 

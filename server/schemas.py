@@ -256,7 +256,7 @@ def resolve_generate(
     has_null = cond.text or (class_label is not None and spec.null_class_label is not None)
     guided = needs_guidance(guidance, has_null)
     rows = rows_for(req.num_images, guided)
-    if rows > s.max_batch_rows:
+    if rows > s.batch_rows:
         raise field_error(
             "num_images",
             f"{req.num_images} images{' with guidance' if guided else ''} need {rows} rows; "

@@ -103,6 +103,12 @@ class Settings(BaseSettings):
         self.batch_buckets = buckets
         return self
 
+    @property
+    def batch_rows(self) -> int:
+        """``max_batch_rows`` as resolved at validation ("auto" is replaced by a number there)."""
+        assert isinstance(self.max_batch_rows, int)
+        return self.max_batch_rows
+
     def _on_cuda(self) -> bool:
         """Whether the server will run on CUDA (``device="auto"`` asks torch, as the loader does)."""
         if self.device != "auto":

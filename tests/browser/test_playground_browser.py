@@ -344,7 +344,6 @@ def test_dropped_png_restores_its_parameters(pg: Page) -> None:
     assert np.array_equal(pixels(sent)[..., 0], pixels(base64.b64encode(edges)))
 
 
-@pytest.mark.xfail(reason="awaiting engine PNG parameters", strict=False)
 def test_server_png_dropped_back_restores_its_request(pg: Page, server: Server) -> None:
     body = {"model": "fashion-class", "class_label": 3, "sampler": "heun", "num_inference_steps": 5,
             "guidance_scale": 2.0, "seed": 2024}

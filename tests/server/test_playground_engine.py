@@ -9,7 +9,6 @@ import json
 
 import httpx
 import numpy as np
-import pytest
 from PIL import Image
 
 from server.pngmeta import read_parameters
@@ -55,7 +54,6 @@ def test_previews_every_k_steps_when_asked(client: httpx.Client) -> None:
     assert plain[-1][1]["result"]["images"] == events[-1][1]["result"]["images"]
 
 
-@pytest.mark.xfail(reason="awaiting engine PNG parameters", strict=False)
 def test_every_png_carries_its_parameters(client: httpx.Client) -> None:
     body = {"model": "tiny-text", "prompt": "a red coat, warm", "negative_prompt": "blue",
             "sampler": "flow_euler", "num_inference_steps": 3, "guidance_scale": 2.0, "seed": 11,
