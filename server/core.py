@@ -73,6 +73,7 @@ class CoreRequest:
     preview_every: int = 0
     state: RequestState | None = None  # built at its first step
     total_steps: int = 0
+    warnings: tuple[str, ...] = ()  # from preparing it (e.g. a truncated prompt), sent with its images
 
 
 def new_error_id() -> str:
@@ -95,6 +96,7 @@ class EngineCore:
         self._reading: deque[tuple[list[CoreRequest], PendingImages]] = deque()
         self._out = EngineOutputs()
         self._gpu_reported = 0.0
+        self._hits = self._misses = 0  # the worker's prompt-cache counters at the last emit
         self._stopping: Shutdown | None = None
 
     # -- any thread ---------------------------------------------------------------------------
@@ -182,6 +184,9 @@ class EngineCore:
         self._requests[req.id] = req
 
     def _emit(self, emit: Emit) -> None:
+        hits, misses = self.worker.prompt_cache_hits, self.worker.prompt_cache_misses
+        self._out.prompt_cache_hits, self._out.prompt_cache_misses = hits - self._hits, misses - self._misses
+        self._hits, self._misses = hits, misses
         if self.worker.device.type == "cuda":
             now = time.monotonic()
             if now - self._gpu_reported >= GPU_MEMORY_REPORT_S:
@@ -207,7 +212,7 @@ class EngineCore:
             nonfinite: dict[str, int] = {}
             for req, pixels in zip(requests, images, strict=True):
                 if pixels is not None:
-                    self._out.events.append(Finished(req.id, pixels))
+                    self._out.events.append(Finished(req.id, pixels, req.warnings))
                     continue
                 error_id = new_error_id()
                 log.error("%s (error_id=%s, request=%s, model=%s)", NONFINITE_MESSAGE, error_id, req.id,
@@ -226,11 +231,18 @@ class EngineCore:
         now = self.clock()
         events = self._out.events
         events.extend(Started(r.id, now) for r in requests if r.state is None)
+        newcomers = [r for r in requests if r.state is None]
+        if newcomers:
+            try:  # every newcomer's prompts in one encoder call (a failure here shows again in prepare)
+                self.worker.encode_prompts([r.request for r in newcomers])
+            except Exception:  # noqa: BLE001
+                log.warning("batched prompt encoding failed; encoding per request", exc_info=True)
         ready: list[CoreRequest] = []
         for req in requests:  # prepare newcomers (this thread owns the device); a bad request fails alone
             if req.state is None:
                 try:
                     req.state = self.worker.prepare(req.request, req.preview_every)
+                    req.warnings = tuple(req.state.warnings)
                     steps = req.request.num_inference_steps
                     req.total_steps = self.worker.total_evaluations(req.state, steps)
                 except Exception:

@@ -90,6 +90,7 @@ class Task:
     error_status: int | None = None
     error_message: str | None = None
     error_id: str | None = None
+    warnings: list[str] = field(default_factory=list)  # said in the response (e.g. a truncated prompt)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     _subscribers: list[asyncio.Queue] = field(default_factory=list)
     _last_progress: dict[str, Any] | None = None
@@ -310,6 +311,10 @@ class RequestManager:
             m.engine_errors_total.inc(out.faults)
         for model, count in out.nonfinite:
             m.nonfinite_outputs_total.labels(model).inc(count)
+        if out.prompt_cache_hits:
+            m.prompt_cache_total.labels("hit").inc(out.prompt_cache_hits)
+        if out.prompt_cache_misses:
+            m.prompt_cache_total.labels("miss").inc(out.prompt_cache_misses)
         if out.gpu_bytes is not None:
             self.gpu_bytes = out.gpu_bytes
         for event in out.events:
@@ -330,6 +335,7 @@ class RequestManager:
                 task.sampling_done = True
             elif isinstance(event, Finished):
                 self._forget(task)
+                task.warnings = list(event.warnings)
                 self._complete(task, event.images)
             elif isinstance(event, Failed):
                 self._forget(task)

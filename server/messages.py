@@ -94,6 +94,7 @@ class Finished:
 
     request_id: str
     images: Any  # numpy uint8
+    warnings: tuple[str, ...] = ()  # for the response, e.g. a prompt truncated to the encoder's length
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,13 @@ class EngineOutputs:
     steps: list[StepStats] = field(default_factory=list)
     faults: int = 0  # engine steps / read-backs that raised (their requests failed with 500)
     nonfinite: tuple[tuple[str, int], ...] = ()  # (model, requests) whose output was NaN/inf
+    prompt_cache_hits: int = 0  # prompt encodings served from the cache this turn
+    prompt_cache_misses: int = 0  # prompts the text encoder ran on this turn
     gpu_bytes: float | None = None  # device memory allocated, when the core measured it this turn
 
     def __bool__(self) -> bool:
-        return bool(self.events or self.steps or self.faults or self.nonfinite or self.gpu_bytes is not None)
+        counts = self.faults or self.prompt_cache_hits or self.prompt_cache_misses
+        return bool(self.events or self.steps or counts or self.nonfinite or self.gpu_bytes is not None)
 
 
 @dataclass(frozen=True)

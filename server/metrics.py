@@ -90,6 +90,12 @@ class Metrics:
         self.engine_errors_total = Counter(
             "unet_server_engine_errors_total", "Engine steps that raised (their requests failed).", registry=r
         )
+        self.prompt_cache_total = Counter(
+            "unet_server_prompt_cache_total",
+            "Prompt encodings by cache result: hit (served from the LRU cache) or miss (encoded).",
+            ["result"],
+            registry=r,
+        )
         self.nonfinite_outputs_total = Counter(
             "unet_server_nonfinite_outputs_total",
             "Requests failed because the model produced NaN or infinite values (no image was returned).",

@@ -222,6 +222,7 @@ def _generate_response(task: Task) -> GenerateResponse:
         seeds=r.seeds,
         images=[base64.b64encode(p).decode() for p in task.pngs or []],
         timings=Timings(**task.timings()),
+        warnings=task.warnings,
     )
 
 

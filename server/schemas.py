@@ -94,6 +94,9 @@ class GenerateResponse(BaseModel):
     seeds: list[int]
     images: list[str] = Field(description="Base64 PNGs, one per seed.")
     timings: Timings
+    warnings: list[str] = Field(
+        default_factory=list, description="What the server changed, e.g. a prompt truncated to 77 tokens."
+    )
 
 
 # -- OpenAI images API ----------------------------------------------------------------------------
@@ -198,8 +201,10 @@ def _class_index(value: int | str, spec: ModelSpec, field: str) -> int:
 def _size(value: int | None, default: int, field: str, spec: ModelSpec, settings: Settings) -> int:
     if value is None:
         return default
-    if value > settings.max_image_size:
-        raise field_error(field, f"{value} exceeds the maximum image size {settings.max_image_size}", value)
+    cap = settings.max_image_size or spec.sample_size
+    if value > cap:
+        why = "the configured maximum" if settings.max_image_size else f"model {spec.id!r}'s native size"
+        raise field_error(field, f"{value} exceeds the maximum image size {cap} ({why})", value)
     if value % spec.size_multiple or value < spec.size_multiple:
         raise field_error(field, f"{value} must be a positive multiple of {spec.size_multiple}", value)
     return value

@@ -72,7 +72,9 @@ class Settings(BaseSettings):
     # Caps on request fields.
     max_inference_steps: int = Field(200, ge=1)
     max_images: int = Field(8, ge=1)
-    max_image_size: int = Field(64, ge=8)
+    # Largest width/height a request may ask for. None: each model's native size (what it was trained at;
+    # a U-Net sampled far beyond it repeats itself). A number: that cap for every model.
+    max_image_size: int | None = Field(None, ge=8)
     # Control image limits: encoded bytes and decoded pixels (checked before decoding pixels).
     max_control_image_bytes: int = Field(2_000_000, ge=1)
     max_control_image_pixels: int = Field(1024 * 1024, ge=1)

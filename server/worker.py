@@ -21,7 +21,7 @@ import bisect
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,8 @@ from server.rows import RowLayout
 log = logging.getLogger(__name__)
 
 PREVIEW_MAX_SIDE = 128  # previews are downscaled (area) to at most this many pixels a side
+# A batched VAE decode of this many latents at once at most (SD 512²: ~1 GB of fp16 activations per 8).
+VAE_DECODE_MAX_ROWS = 8
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +63,7 @@ class RequestState:
     evaluations: int = 0  # denoiser calls this request has taken
     preview_every: int = 0  # keep the last x0 estimate for previews (the core asks every k evaluations)
     last_x0: torch.Tensor | None = None  # (n, C, H, W) of the last step, when preview_every > 0
+    warnings: list[str] = field(default_factory=list)  # for the response (e.g. a truncated prompt)
 
     @property
     def rows(self) -> int:
@@ -109,8 +112,11 @@ class Worker:
         self.buckets = sorted(set(int(b) for b in buckets))
         first = next(iter(pipelines.values()))
         self.device = first.device
-        self._prompt_cache: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
+        # (id(encoder), prompt) -> (context rows (L, D), whether the prompt was truncated), LRU
+        self._prompt_cache: OrderedDict[tuple[int, str], tuple[torch.Tensor, bool]] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
+        self.prompt_cache_hits = 0  # prompts found in the cache (counters; the core reports deltas)
+        self.prompt_cache_misses = 0
         self.warmed: set[tuple[Hashable, int]] = set()
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         # CUDA: steps are launched without waiting for the device; the host may run this many steps ahead
@@ -145,14 +151,20 @@ class Worker:
             key += (id(p.controlnet),)
         return key
 
-    def _encode(self, pipeline: Pipeline, prompts: list[str]) -> list[torch.Tensor]:
-        """Context rows (L, D) per prompt, from the cache or one batched encoder call."""
+    def _encode(self, pipeline: Pipeline, prompts: list[str]) -> list[tuple[torch.Tensor, bool]]:
+        """(context rows (L, D), truncated) per prompt, from the cache or one batched encoder call."""
         enc = pipeline.text_encoder
         missing = sorted({p for p in prompts if (id(enc), p) not in self._prompt_cache})
+        self.prompt_cache_misses += len(missing)
+        self.prompt_cache_hits += len(prompts) - len(missing)
         if missing:
-            states = enc.encode(missing).to(self.device)  # (M, L, D)
-            for prompt, row in zip(missing, states, strict=True):
-                self._prompt_cache[(id(enc), prompt)] = row
+            if hasattr(enc, "encode_with_info"):  # CLIP: also says which prompts were cut at 77 tokens
+                info = enc.encode_with_info(missing)
+                states, truncated = info.states.to(self.device), list(info.truncated)  # (M, L, D)
+            else:
+                states, truncated = enc.encode(missing).to(self.device), [False] * len(missing)
+            for prompt, row, cut in zip(missing, states, truncated, strict=True):
+                self._prompt_cache[(id(enc), prompt)] = (row, bool(cut))
         out = []
         for p in prompts:
             self._prompt_cache.move_to_end((id(enc), p))
@@ -160,6 +172,23 @@ class Worker:
         while len(self._prompt_cache) > self._prompt_cache_size:
             self._prompt_cache.popitem(last=False)
         return out
+
+    @staticmethod
+    def _prompts(req: ResolvedRequest) -> list[str]:
+        """The prompts a text request's rows use: its prompt, then (guided) its negative prompt."""
+        return [req.prompt or "", req.negative_prompt or ""] if req.guided else [req.prompt or ""]
+
+    @torch.no_grad()
+    def encode_prompts(self, requests: Sequence[ResolvedRequest]) -> None:
+        """Encode the prompts of many newly admitted requests in one encoder call per text encoder (they
+        land in the cache that ``prepare`` reads)."""
+        by_encoder: dict[int, tuple[Pipeline, list[str]]] = {}
+        for req in requests:
+            p = self.pipelines[req.model]
+            if p.kind == "text":
+                by_encoder.setdefault(id(p.text_encoder), (p, []))[1].extend(self._prompts(req))
+        for p, prompts in by_encoder.values():
+            self._encode(p, prompts)
 
     @torch.no_grad()
     def prepare(self, req: ResolvedRequest, preview_every: int = 0) -> RequestState:
@@ -170,13 +199,14 @@ class Worker:
         n, dev = req.num_images, self.device
         sampler = get_sampler(req.sampler, p.schedule.kind)
         sigmas = sampler.make_sigmas(p.schedule, req.num_inference_steps)
-        shape = (1, p.image_channels, req.height, req.width)
+        shape = (1, *p.latent_shape(req.height, req.width))  # (1, C, h, w): pixels, or VAE latents
         states = []
         for seed in req.seeds:
             noise = RequestNoise(seed)
             states.append(sampler.init(noise.initial(shape, dev), sigmas, generator=noise))
 
         class_labels = context = control = None
+        warnings: list[str] = []
         if p.kind == "class":
             null = p.null_class_label
             label = req.class_label if req.class_label is not None else null
@@ -185,14 +215,12 @@ class Worker:
             labels = [label] * n + ([null] * n if req.guided else [])
             class_labels = self._to_device(torch.tensor(labels, dtype=torch.long))  # (rows,)
         else:
-            prompts = [req.prompt or ""]
-            if req.guided:
-                prompts.append(req.negative_prompt or "")
-            rows = self._encode(p, prompts)
-            parts = [rows[0].expand(n, *rows[0].shape)]
-            if req.guided:
-                parts.append(rows[1].expand(n, *rows[1].shape))
-            context = torch.cat(parts)  # (rows, L, D)
+            encoded = self._encode(p, self._prompts(req))
+            context = torch.cat([row.expand(n, *row.shape) for row, _ in encoded])  # (rows, L, D)
+            limit = getattr(p.text_encoder, "max_length", None)
+            for (_, cut), field in zip(encoded, ("prompt", "negative_prompt"), strict=False):
+                if cut:
+                    warnings.append(f"{field} was truncated to the text encoder's {limit} tokens")
         if req.control is not None:
             cond = self._to_device(torch.from_numpy(np.ascontiguousarray(req.control)))  # (H, W)
             control = cond[None, None].expand(n * (2 if req.guided else 1), 1, *cond.shape)  # (rows, 1, H, W)
@@ -208,6 +236,7 @@ class Worker:
             control=control,
             control_scale=req.control_scale,
             preview_every=preview_every,
+            warnings=warnings,
         )
 
     # -- one engine step ----------------------------------------------------------------------
@@ -408,7 +437,7 @@ class Worker:
         memory in one copy that does not block the host; ``PendingImages.wait`` returns them. A per-image
         finiteness flag travels with them (computed on the device: no host sync in the step), so a NaN
         never becomes a black PNG."""
-        x = torch.cat([r.sampler.result(s) for r in requests for s in r.states]).float()  # (N, C, H, W)
+        x = self._decode([r.sampler.result(s) for r in requests for s in r.states], requests[0].pipeline)
         finite = torch.isfinite(x).flatten(1).all(1)  # (N,)
         pixels = to_uint8(x)  # (N, H, W, C)
         bounds = np.cumsum([0] + [r.num_images for r in requests]).tolist()
@@ -422,6 +451,17 @@ class Worker:
         event.record()
         return PendingImages(host, host_finite, bounds, event)
 
+    def _decode(self, samples: list[torch.Tensor], p: Pipeline) -> torch.Tensor:
+        """Final samples -> images in model pixel space [-1, 1] (N, C, H, W) fp32: pixel models as they are,
+        latent models through the VAE in one batched call (sliced to bound activation memory)."""
+        x = torch.cat(samples) if len(samples) > 1 else samples[0]  # (N, C, h, w)
+        if p.vae is None:
+            return x.float()
+        # CPU: one image per call, so an image's bytes do not depend on which others finished with it (CPU
+        # conv kernels pick their blocking by batch size); CUDA: batched, equal within float tolerance.
+        max_rows = VAE_DECODE_MAX_ROWS if self.device.type == "cuda" else 1
+        return p.vae.decode_sliced(x, max_rows).float()  # (N, 3, h·f, w·f)
+
     def images(self, requests: Sequence[RequestState]) -> list[np.ndarray | None]:
         """Final images per request as uint8 (n, H, W, C), read back now (``read_images`` + ``wait``)."""
         return self.read_images(requests).wait()
@@ -430,10 +470,9 @@ class Worker:
     def preview(self, request: RequestState, max_side: int = PREVIEW_MAX_SIDE) -> np.ndarray | None:
         """A small uint8 (n, h, w, C) picture of the request's last x0 estimate, or None before its first
         step. Synchronises with the device: only for requests that asked for previews, every k steps."""
-        x0 = request.last_x0
-        if x0 is None:
+        if request.last_x0 is None:
             return None
-        x0 = x0.float().nan_to_num(0.0)
+        x0 = self._decode([request.last_x0], request.pipeline).nan_to_num(0.0)  # (n, C, H, W)
         side = max(x0.shape[-2:])
         if side > max_side:
             x0 = torch.nn.functional.interpolate(x0, scale_factor=max_side / side, mode="area")
@@ -448,7 +487,7 @@ class Worker:
         """Denoiser inputs of ``rows`` rows at the pipeline's default size (with control if it has one)."""
         d, dev = p.defaults, self.device
         example: dict[str, Any] = {
-            "x": torch.zeros(rows, p.image_channels, d.height, d.width, device=dev),  # fp32, as in step
+            "x": torch.zeros(rows, *p.latent_shape(d.height, d.width), device=dev),  # fp32, as in step
             "sigma": torch.full((rows,), float(p.schedule.sigma_max), dtype=torch.float64, device=dev),
             "class_labels": None,
             "context": None,
@@ -459,7 +498,7 @@ class Worker:
             label = p.null_class_label or 0
             example["class_labels"] = torch.full((rows,), label, dtype=torch.long, device=dev)
         else:
-            example["context"] = self._encode(p, [""])[0].expand(rows, -1, -1)  # (rows, L, D)
+            example["context"] = self._encode(p, [""])[0][0].expand(rows, -1, -1)  # (rows, L, D)
         if p.controlnet is not None:
             example["control_cond"] = torch.zeros(rows, 1, d.height, d.width, device=dev)
             example["control_scale"] = torch.ones(rows, device=dev)
