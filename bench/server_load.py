@@ -54,8 +54,11 @@ METRICS = {
 
 
 def server_weights(args, device) -> tuple[Path, str, str]:
-    """(weights_dir, model name, note): the shipped fashion-class, else a random stand-in folder."""
+    """(weights_dir, model name, note): ``--model`` in ``--weights-dir`` when given, else the shipped
+    fashion-class, else a random stand-in folder."""
     shipped = Path(args.weights_dir)
+    if args.model:
+        return shipped, args.model, f"model {args.model} from {shipped}"
     if (shipped / "fashion-class" / "unet_server.json").exists():
         return shipped, "fashion-class", "shipped fashion-class"
     root = Path(args.work_dir) / ("server-weights-quick" if args.quick else "server-weights")
@@ -219,6 +222,15 @@ class Bodies:
 
     def __call__(self) -> dict:
         self.i += 1
+        if self.args.text:  # a text model: prompts from a small set (the prompt cache sees repeats)
+            return {
+                "model": self.model,
+                "prompt": f"a photo of object number {self.i % 50}, studio light",
+                "seed": self.i,
+                "num_inference_steps": self.args.steps,
+                "sampler": "dpmpp_2m",
+                "guidance_scale": self.args.guidance,
+            }
         return {
             "model": self.model,
             "class_label": self.i % 10,
@@ -548,6 +560,8 @@ def main(argv: list[str] | None = None) -> None:
     common.add_common_args(p)
     p.add_argument("--work-dir", default="/tmp/unet_bench")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--model", default=None, help="a model folder (or hub id) in --weights-dir instead")
+    p.add_argument("--text", action="store_true", help="the model takes prompts (e.g. Stable Diffusion)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--clients", default="1,8,64", help="closed-loop concurrency levels")
     p.add_argument("--open-fractions", default="0.5,0.9,1.2", help="x saturation throughput")

@@ -189,6 +189,7 @@ class RequestManager:
         self.jobs: OrderedDict[str, Task] = OrderedDict()
         self._live: dict[str, Task] = {}  # submitted, not terminal, not yet handed to PNG encoding
         self._queued: OrderedDict[str, Task] = OrderedDict()  # not started, in arrival order
+        self._rows = 0  # rows of the requests in ``_live`` (the outstanding-rows gauge)
         self._forward_ewma = 0.05  # seconds per forward pass, for Retry-After
         self._accepting = False
         self._stopping = False
@@ -214,6 +215,7 @@ class RequestManager:
         for task in list(self._live.values()):
             self._forget(task)
             task.fail(503, SHUTTING_DOWN)
+        self._gauges()
 
     @property
     def running(self) -> bool:
@@ -268,6 +270,7 @@ class RequestManager:
             raise EngineStopped("the engine is restarting; retry shortly")
         self._live[task.id] = task
         self._queued[task.id] = task
+        self._rows += request.rows
         if is_job:
             self.jobs[task.id] = task
             self._trim_jobs()
@@ -282,6 +285,7 @@ class RequestManager:
             return False
         self.client.send(CancelRequest(task_id))
         self._forget(task)
+        self._gauges()
         task.cancel()
         return True
 
@@ -353,15 +357,16 @@ class RequestManager:
     # -- internals ----------------------------------------------------------------------------
 
     def _forget(self, task: Task) -> None:
-        self._live.pop(task.id, None)
+        """Out of flight (terminal, or handed to PNG encoding); the caller updates the gauges."""
+        if self._live.pop(task.id, None) is not None:
+            self._rows -= task.request.rows
         self._queued.pop(task.id, None)
-        self._gauges()
 
     def _gauges(self) -> None:
         m = self.metrics
         m.queue_size.set(len(self._queued))
         m.running_requests.set(len(self._live) - len(self._queued))
-        m.outstanding_rows.set(sum(t.request.rows for t in self._live.values()))
+        m.outstanding_rows.set(self._rows)
 
     def _trim_jobs(self) -> None:
         finished = [k for k, t in self.jobs.items() if t.done]

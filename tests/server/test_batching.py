@@ -281,6 +281,7 @@ def test_queue_bound_429_and_live_while_saturated(small: LiveServer) -> None:
         text = c.get("/metrics").text
         assert metric(text, "unet_server_queue_size") == 2
         assert metric(text, "unet_server_running_requests") == 2
+        assert metric(text, "unet_server_outstanding_rows") == 8  # 4 guided requests, 2 rows each
         assert metric(text, "unet_server_requests_total", status="429", endpoint="jobs") >= 4
         for i in ids:
             c.post(f"/v1/jobs/{i}/cancel")
