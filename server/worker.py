@@ -22,7 +22,7 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from model.noise import RequestNoise
 from model.pipeline import Pipeline
 from server.request import ResolvedRequest, rows_for
 from server.rows import RowLayout
+
+if TYPE_CHECKING:
+    from model.samplers import Sampler, SamplerState
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,8 @@ class RequestState:
     """Worker-side state of one request: sampler states and its conditioning rows (on the device)."""
 
     pipeline: Pipeline
-    sampler: Any
-    states: list[Any]  # one sampler state per image
+    sampler: Sampler
+    states: list[SamplerState]  # one sampler state per image
     num_images: int
     guided: bool
     guidance_scale: float
