@@ -250,6 +250,8 @@ class Transformer2D(nn.Module):
         inner = heads * dim_head
         self.linear_projection = linear_projection
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in: nn.Linear | nn.Conv2d
+        self.proj_out: nn.Linear | nn.Conv2d
         if linear_projection:
             self.proj_in, self.proj_out = nn.Linear(channels, inner), nn.Linear(inner, channels)
         else:

@@ -8,13 +8,32 @@ forward is `(x (B, C, H, W), context) -> (B, C, H, W)`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Generic, TypeVar, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 AttnFactory = Callable[[int], nn.Module]
+
+M = TypeVar("M", bound=nn.Module)
+
+if TYPE_CHECKING:
+
+    class ModuleList(nn.ModuleList, Generic[M]):
+        """What the type checker sees: an nn.ModuleList whose items are all `M` (torch's is untyped)."""
+
+        def __init__(self, modules: Iterable[M] | None = None) -> None: ...
+        def __iter__(self) -> Iterator[M]: ...
+        @overload
+        def __getitem__(self, idx: slice) -> ModuleList[M]: ...
+        @overload
+        def __getitem__(self, idx: int) -> M: ...
+        def __getitem__(self, idx: int | slice) -> M | ModuleList[M]: ...
+
+else:
+    ModuleList = nn.ModuleList  # at run time exactly torch's class (same repr, state_dict, torch.compile)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -46,7 +65,7 @@ class ResnetBlock2D(nn.Module):
         self.scale_shift, self.output_scale_factor = scale_shift, output_scale_factor
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = None
+        self.time_emb_proj: nn.Linear | None = None
         if temb_channels is not None:
             self.time_emb_proj = nn.Linear(temb_channels, out_channels * (2 if scale_shift else 1))
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
@@ -123,7 +142,7 @@ class DownBlock(nn.Module):
         attn: AttnFactory | None = None,
     ) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(
+        self.resnets = ModuleList(
             [
                 ResnetBlock2D(
                     in_channels if i == 0 else out_channels,
@@ -137,12 +156,13 @@ class DownBlock(nn.Module):
                 for i in range(num_layers)
             ]
         )
+        self.attentions: ModuleList[nn.Module] | None
         if attn is not None:
-            self.attentions = nn.ModuleList([attn(out_channels) for _ in range(num_layers)])
+            self.attentions = ModuleList([attn(out_channels) for _ in range(num_layers)])
         else:
             self.attentions = None
         self.downsamplers = (
-            nn.ModuleList([Downsample2D(out_channels, downsample_padding)]) if add_downsample else None
+            ModuleList([Downsample2D(out_channels, downsample_padding)]) if add_downsample else None
         )
 
     def forward(
@@ -191,12 +211,13 @@ class UpBlock(nn.Module):
                     res_in + skip_ch, out_channels, temb_channels, groups, eps, dropout, scale_shift
                 )
             )
-        self.resnets = nn.ModuleList(resnets)
+        self.resnets = ModuleList(resnets)
+        self.attentions: ModuleList[nn.Module] | None
         if attn is not None:
-            self.attentions = nn.ModuleList([attn(out_channels) for _ in range(num_layers)])
+            self.attentions = ModuleList([attn(out_channels) for _ in range(num_layers)])
         else:
             self.attentions = None
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+        self.upsamplers = ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
     def forward(
         self,
@@ -234,7 +255,7 @@ class MidBlock(nn.Module):
         attn: AttnFactory | None = None,
     ) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(
+        self.resnets = ModuleList(
             [
                 ResnetBlock2D(
                     channels, channels, temb_channels, groups, eps, dropout, scale_shift, output_scale_factor
@@ -243,7 +264,7 @@ class MidBlock(nn.Module):
             ]
         )
         self.attentions = (
-            nn.ModuleList([attn(channels) for _ in range(num_layers)]) if attn is not None else None
+            ModuleList([attn(channels) for _ in range(num_layers)]) if attn is not None else None
         )
 
     def forward(

@@ -223,6 +223,7 @@ class UNetConfig:
         for k, v in _UNET_CLASS_DEFAULTS[self.class_name].items():
             if getattr(self, k) is None:
                 object.__setattr__(self, k, v)
+        assert self.up_block_types is not None and self.down_block_types is not None  # class defaults
         _check_common(self, self.class_name)
         ups = UP_BLOCKS[self.class_name]
         for b in self.up_block_types:
@@ -349,6 +350,10 @@ class ControlNetConfig:
             raise ValueError("a ControlNet needs a UNet2DConditionModel base")
         if isinstance(unet.layers_per_block, tuple) or isinstance(unet.cross_attention_dim, tuple):
             raise ValueError("ControlNetModel takes an int layers_per_block and cross_attention_dim")
+        # __post_init__ filled these with the UNet2DConditionModel defaults (and checked attention_head_dim)
+        assert unet.in_channels is not None and unet.block_out_channels is not None
+        assert unet.down_block_types is not None and unet.mid_block_type is not None
+        assert unet.cross_attention_dim is not None and unet.attention_head_dim is not None
         return cls(
             in_channels=unet.in_channels,
             conditioning_channels=conditioning_channels,

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.blocks import zero_module
+from model.blocks import DownBlock, MidBlock, ModuleList, zero_module
 from model.config import ControlNetConfig
-from model.embeddings import embed_conditioning
+from model.embeddings import TimestepEmbedding, Timesteps, embed_conditioning
 from model.unet import UNet, build_encoder
 
 
@@ -49,6 +49,15 @@ class ControlNetConditioningEmbedding(nn.Module):
 
 class ControlNet(nn.Module):
     """diffusers ControlNetModel: forward(x, t, cond, context, class_labels, scale) -> ControlResiduals."""
+
+    # made by build_encoder / attach_time_embedding (model.unet.Encoder)
+    conv_in: nn.Conv2d
+    time_proj: Timesteps
+    time_embedding: TimestepEmbedding
+    class_embedding: nn.Embedding | None
+    down_blocks: ModuleList[DownBlock]
+    mid_block: MidBlock
+    attention_backend: str  # set by model.loading: the attention backend chosen at load time
 
     def __init__(self, config: ControlNetConfig) -> None:
         super().__init__()

@@ -23,9 +23,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from model.controlnet import ControlResiduals
+    from model.denoiser import Denoiser
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +150,8 @@ class GraphedCallable:
         self.warmup_iters = warmup_iters
         self.clone_outputs = clone_outputs
         self._signatures: dict[Any, _Signature] = {}
-        self._pool = None  # one private memory pool shared by every graph of this object
+        # one private memory pool shared by every graph of this object
+        self._pool: torch.cuda._POOL_HANDLE | None = None
 
     @property
     def max_batch(self) -> int:
@@ -297,16 +302,31 @@ class GraphedUNet(GraphedCallable):
     def config(self) -> Any:
         return getattr(self.unet, "config", None)
 
-    def _forward(self, x, t, class_labels=None, context=None, control=None):
+    def _forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        control: ControlResiduals | None = None,
+    ) -> torch.Tensor:
         return self.unet(x, t, class_labels=class_labels, context=context, control=control)
 
-    def __call__(self, x, t, class_labels=None, context=None, control=None):  # type: ignore[override]
+    # The U-Net's own signature instead of GraphedCallable's **inputs: a deliberate narrowing.
+    def __call__(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        control: ControlResiduals | None = None,
+    ) -> torch.Tensor:
         """x (B, C, H, W), t (B,) -> (B, C, H, W); a view valid until the next call (see class docs)."""
         if not torch.is_tensor(t) or t.dim() == 0:
             t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0])
         return super().__call__(x=x, t=t, class_labels=class_labels, context=context, control=control)
 
-    def warmup(self, buckets=None, **example: Any) -> None:  # type: ignore[override]
+    def warmup(self, buckets: Iterable[int] | None = None, **example: Any) -> None:
         example = {k: v for k, v in example.items() if v is not None}
         super().warmup(buckets, **{"class_labels": None, "context": None, "control": None, **example})
 
@@ -329,13 +349,21 @@ class GraphedDenoiser(GraphedCallable):
       view into the static output would be overwritten by the next replay.
     """
 
-    def __init__(self, denoiser: Any, buckets: Sequence[int] = DEFAULT_BUCKETS, **kwargs: Any):
+    def __init__(self, denoiser: Denoiser, buckets: Sequence[int] = DEFAULT_BUCKETS, **kwargs: Any):
         self.denoiser = denoiser
         kwargs.setdefault("device", _module_device(denoiser.unet) if hasattr(denoiser, "unet") else None)
         kwargs.setdefault("clone_outputs", True)
         super().__init__(self._forward, buckets, **kwargs)
 
-    def _forward(self, x, sigma, class_labels=None, context=None, control_cond=None, control_scale=None):
+    def _forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        control_cond: torch.Tensor | None = None,
+        control_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.denoiser(
             x,
             sigma,
@@ -346,7 +374,14 @@ class GraphedDenoiser(GraphedCallable):
         )
 
     @staticmethod
-    def _canonical(x, sigma, control_cond, control_scale, control_mask):
+    def _canonical(
+        x: torch.Tensor,
+        sigma: torch.Tensor | Sequence[float],
+        control_cond: torch.Tensor | None,
+        control_scale: torch.Tensor | float | None,
+        control_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """sigma as a (B,) tensor; control_scale (B,) with the mask folded in (None without control)."""
         rows = x.shape[0]
         if not torch.is_tensor(sigma):
             sigma = torch.tensor(list(sigma), dtype=torch.float64)
@@ -364,16 +399,17 @@ class GraphedDenoiser(GraphedCallable):
             )  # (B,)
         return sigma, control_scale
 
-    def __call__(
+    # Denoiser.__call__'s signature instead of GraphedCallable's **inputs: a deliberate narrowing.
+    def __call__(  # type: ignore[override]
         self,
-        x,
-        sigma,
-        class_labels=None,
-        context=None,
-        control_cond=None,  # type: ignore[override]
-        control_scale=None,
-        control_mask=None,
-    ):
+        x: torch.Tensor,
+        sigma: torch.Tensor | Sequence[float],
+        class_labels: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        control_cond: torch.Tensor | None = None,
+        control_scale: torch.Tensor | float | None = None,
+        control_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x (B, C, H, W), sigma (B,) -> x0 (B, C, H, W) fp32, B <= the largest bucket."""
         sigma, control_scale = self._canonical(x, sigma, control_cond, control_scale, control_mask)
         return super().__call__(
@@ -385,17 +421,18 @@ class GraphedDenoiser(GraphedCallable):
             control_scale=control_scale,
         )
 
-    def warmup(
+    # The call's named inputs instead of GraphedCallable's **example: a deliberate narrowing.
+    def warmup(  # type: ignore[override]
         self,
-        buckets=None,
+        buckets: Iterable[int] | None = None,
         *,
-        x,
-        sigma,
-        class_labels=None,
-        context=None,  # type: ignore[override]
-        control_cond=None,
-        control_scale=None,
-        control_mask=None,
+        x: torch.Tensor,
+        sigma: torch.Tensor | Sequence[float],
+        class_labels: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        control_cond: torch.Tensor | None = None,
+        control_scale: torch.Tensor | float | None = None,
+        control_mask: torch.Tensor | None = None,
     ) -> None:
         """Capture every bucket for this input structure (x fp32 and sigma float64 fix the buffer dtypes)."""
         sigma, control_scale = self._canonical(x, sigma, control_cond, control_scale, control_mask)

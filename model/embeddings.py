@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +64,17 @@ def exponent_check(dim: int, freq_shift: float) -> None:
         raise ValueError(f"timestep embedding dim {dim} with freq_shift {freq_shift} divides by zero")
 
 
+class Conditioned(Protocol):
+    """A model with attach_time_embedding's modules and a conv_in (UNet, ControlNet)."""
+
+    conv_in: nn.Conv2d  # its weight's dtype is the model dtype
+    time_proj: Timesteps
+    time_embedding: TimestepEmbedding
+    class_embedding: nn.Embedding | None
+
+
 def attach_time_embedding(
-    owner: nn.Module,
+    owner: Conditioned,
     base_channels: int,
     time_embed_dim: int,
     flip_sin_to_cos: bool,
@@ -79,7 +89,7 @@ def attach_time_embedding(
 
 
 def embed_conditioning(
-    owner: nn.Module, x: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None
+    owner: Conditioned, x: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None
 ) -> torch.Tensor:
     """e = time_embedding(sin(t)) [+ class_embedding(y)] for a module set up by attach_time_embedding.
 

@@ -220,11 +220,13 @@ def _load(
     model.load_state_dict(state, strict=True, assign=True)
     del state
     if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit it
     model.eval()
     backend = select_backend(device, dtype, attention_backend, head_dims(model))
     set_attention_backend(model, backend)
-    model.attention_backend = backend
+    # UNet, ControlNet and AutoencoderKL declare `attention_backend: str`; torch types Module.__setattr__'s
+    # value as Tensor | Module, but a plain attribute is what it stores.
+    model.attention_backend = backend  # type: ignore[assignment]
     return model
 
 

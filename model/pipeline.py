@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +41,13 @@ from model.pipeline_folder import (
     pipeline_defaults,
     read_pipeline_folder,
 )
+
+if TYPE_CHECKING:
+    from model.controlnet import ControlNet
+    from model.denoiser import Denoiser
+    from model.schedules import Schedule
+    from model.unet import UNet
+    from model.vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +90,20 @@ class Pipeline:
     name: str  # the model id requests use (folder name, or hub id "org/name")
     path: Path  # the folder it was loaded from (a hub snapshot folder for hub ids)
     kind: str  # "class" | "text"
-    unet: torch.nn.Module
-    schedule: Any  # model.schedules.Schedule
-    denoiser: Any  # model.denoiser.Denoiser (with the ControlNet when there is one)
+    unet: UNet  # (a torch.compile wrapper of one after compile_pipelines: it forwards attribute access)
+    schedule: Schedule
+    denoiser: Denoiser  # with the ControlNet when there is one
     defaults: Defaults
     image_channels: int  # channels of the output image (3 for SD)
     sample_size: int  # native image size in pixels (SD 1.5: 64 latent x 8 = 512)
-    controlnet: torch.nn.Module | None = None
+    controlnet: ControlNet | None = None
     text_encoder: Any = None  # TextEncoder (shared MiniLM) or model.clip_text.CLIPTextEncoder (per folder)
     class_names: list[str] | None = None
     null_class_label: int | None = None
     control: dict[str, Any] | None = None  # {"type": "edges", "channels": 1}
     base_model: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
-    vae: Any = None  # model.vae.AutoencoderKL for latent models, None for pixel models
+    vae: AutoencoderKL | None = None  # for latent models, None for pixel models
     latent_channels: int | None = None  # channels the U-Net samples (None: image_channels)
     vae_scale_factor: int = 1  # image pixels per latent pixel (8 for SD; 1 for pixel models)
     pipeline_class: str | None = None  # diffusers class of a pipeline folder ("StableDiffusionPipeline")
@@ -128,7 +135,9 @@ class Pipeline:
         latent size, as diffusers'), 2 ** (number of downsamplings) for pixel models."""
         if self.vae is not None:
             return self.vae_scale_factor
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+        chans = self.unet.config.block_out_channels
+        assert chans is not None  # UNetConfig.__post_init__ fills the class default
+        return 2 ** (len(chans) - 1)
 
     @property
     def device(self) -> torch.device:
@@ -432,7 +441,7 @@ def load_pipelines(
             sample_size=sample_size,
             controlnet=controlnet,
             text_encoder=text_encoder() if kind == "text" else None,
-            class_names=list(class_names) if kind == "class" else None,
+            class_names=list(class_names or []) if kind == "class" else None,  # filled above for "class"
             null_class_label=meta.get("null_class_label") if kind == "class" else None,
             control=meta.get("control") or None,
             base_model=base_name or None,
@@ -463,7 +472,7 @@ def compile_pipelines(
     if device.type != "cuda":
         log.info("compile: skipped on %s (torch.compile is applied on CUDA only)", device)
         return 0
-    compiled: dict[int, torch.nn.Module] = {}  # id(original) -> compiled; keeps the originals alive
+    compiled: dict[int, Callable[..., Any]] = {}  # id(original) -> compiled; keeps the originals alive
 
     def once(module: torch.nn.Module | None) -> Any:
         if module is None:

@@ -16,7 +16,7 @@ the σ of the first timestep; samplers scale unit initial noise to it (see `init
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -58,6 +58,10 @@ def _betas(config: dict[str, Any], num_train_timesteps: int) -> torch.Tensor:
     )
 
 
+@overload
+def flow_shift(sigma: np.ndarray, shift: float) -> np.ndarray: ...
+@overload
+def flow_shift(sigma: float, shift: float) -> float: ...
 def flow_shift(sigma: np.ndarray | float, shift: float) -> np.ndarray | float:
     """Timestep shift of SD3 / FlowMatchEulerDiscreteScheduler: σ' = shift·σ / (1 + (shift − 1)·σ)."""
     return shift * sigma / (1 + (shift - 1) * sigma)

@@ -8,6 +8,7 @@ carries to the GPU machine).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -29,7 +30,8 @@ def default_model_dir() -> str:
 class TextEncoder:
     """Tokenizer + BERT encoder; `encode(prompts)` returns last_hidden_state (B, max_length, 384)."""
 
-    def __init__(self, tokenizer, model, max_length: int = MAX_LENGTH) -> None:
+    def __init__(self, tokenizer: Any, model: Any, max_length: int = MAX_LENGTH) -> None:
+        """tokenizer, model: a transformers AutoTokenizer and AutoModel (BERT) of all-MiniLM-L6-v2."""
         self.tokenizer = tokenizer
         self.model = model
         self.max_length = max_length

@@ -6,20 +6,33 @@ t is per row (B,): every row may be a different request at its own noise level.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
 from model.attention import SpatialSelfAttention, Transformer2D
-from model.blocks import AttnFactory, DownBlock, MidBlock, UpBlock
+from model.blocks import AttnFactory, DownBlock, MidBlock, ModuleList, UpBlock
 from model.config import UNET2D, ControlNetConfig, UNetConfig, _per_block
-from model.embeddings import attach_time_embedding, embed_conditioning
+from model.embeddings import (
+    Conditioned,
+    TimestepEmbedding,
+    Timesteps,
+    attach_time_embedding,
+    embed_conditioning,
+)
 
 if TYPE_CHECKING:
     from model.controlnet import ControlResiduals
 
 AnyConfig = UNetConfig | ControlNetConfig
+
+
+class Encoder(Conditioned, Protocol):
+    """What build_encoder creates on its owner (UNet, ControlNet) and run_encoder runs."""
+
+    down_blocks: ModuleList[DownBlock]
+    mid_block: MidBlock
 
 
 def _spatial_attn(
@@ -53,18 +66,22 @@ def _cross_attn(cfg: AnyConfig, heads: int, context_dim: int, layers: int) -> At
 
 
 def _n_blocks(cfg: AnyConfig) -> int:
+    assert cfg.down_block_types is not None  # UNetConfig.__post_init__ fills the class default
     return len(cfg.down_block_types)
 
 
 def time_embed_dim(cfg: AnyConfig) -> int:
     """Width of the time embedding injected into every resnet."""
+    assert cfg.block_out_channels is not None  # UNetConfig.__post_init__ fills the class default
     return cfg.time_embedding_dim or 4 * cfg.block_out_channels[0]
 
 
-def build_encoder(owner: nn.Module, cfg: AnyConfig) -> None:
+def build_encoder(owner: Encoder, cfg: AnyConfig) -> None:
     """Create conv_in, time/class embedding, down_blocks and mid_block on `owner` (UNet and ControlNet)."""
     n = _n_blocks(cfg)
     chans = cfg.block_out_channels
+    # UNetConfig.__post_init__ fills these with the class defaults (ControlNetConfig has no None default)
+    assert chans is not None and cfg.in_channels is not None and cfg.down_block_types is not None
     temb = time_embed_dim(cfg)
     shift = cfg.resnet_time_scale_shift == "scale_shift"
     k_in = getattr(cfg, "conv_in_kernel", 3)
@@ -101,13 +118,13 @@ def build_encoder(owner: nn.Module, cfg: AnyConfig) -> None:
                 attn,
             )
         )
-    owner.down_blocks = nn.ModuleList(blocks)
+    owner.down_blocks = ModuleList(blocks)
 
     ch = chans[-1]
     mid_layers = 1
     if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
         attn = _cross_attn(cfg, head_arg[-1], cross[-1], tlayers[-1])
-    elif cfg.class_name == UNET2D:  # UNetMidBlock2D with optional self-attention
+    elif isinstance(cfg, UNetConfig) and cfg.class_name == UNET2D:  # UNetMidBlock2D, optional self-attention
         groups = cfg.attn_norm_num_groups
         if groups is None:
             groups = cfg.norm_num_groups if not shift else None  # diffusers: no norm with scale_shift
@@ -132,7 +149,7 @@ def build_encoder(owner: nn.Module, cfg: AnyConfig) -> None:
 
 
 def run_encoder(
-    owner: nn.Module, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None
+    owner: Encoder, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """conv_in + down blocks: x (B, Cin, H, W) -> (h, skips: conv_in out, then one per resnet/downsample)."""
     h = owner.conv_in(x)
@@ -146,12 +163,24 @@ def run_encoder(
 class UNet(nn.Module):
     """Diffusion U-Net with diffusers' UNet2DModel / UNet2DConditionModel structure and parameter names."""
 
+    # made by build_encoder / attach_time_embedding (the Encoder protocol)
+    conv_in: nn.Conv2d
+    time_proj: Timesteps
+    time_embedding: TimestepEmbedding
+    class_embedding: nn.Embedding | None
+    down_blocks: ModuleList[DownBlock]
+    mid_block: MidBlock
+    attention_backend: str  # set by model.loading: the attention backend chosen at load time
+
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
         self.config = config
         cfg = config
         n = _n_blocks(cfg)
         build_encoder(self, cfg)
+        # UNetConfig.__post_init__ fills these with the class defaults
+        assert cfg.block_out_channels is not None and cfg.up_block_types is not None
+        assert cfg.out_channels is not None
         temb = time_embed_dim(cfg)
         shift = cfg.resnet_time_scale_shift == "scale_shift"
         rev = list(reversed(cfg.block_out_channels))
@@ -187,7 +216,7 @@ class UNet(nn.Module):
                     attn,
                 )
             )
-        self.up_blocks = nn.ModuleList(blocks)
+        self.up_blocks = ModuleList(blocks)
         ch0 = cfg.block_out_channels[0]
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch0, eps=cfg.norm_eps)
         self.conv_act = nn.SiLU()

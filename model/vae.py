@@ -128,6 +128,8 @@ class AutoencoderKL(nn.Module):
     f = `scale_factor` (8 for SD). Inputs are cast to the module's dtype; outputs are in the module's dtype.
     """
 
+    attention_backend: str  # set by model.loading: the attention backend chosen at load time
+
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config
