@@ -312,6 +312,7 @@ def _closed_proc(
     steps: int,
     guidance: float,
     model: str,
+    text: bool,
     first: int,
     workers: int,
     start_at: float,
@@ -322,7 +323,7 @@ def _closed_proc(
 
     async def run() -> dict[str, Any]:
         clients = Clients(timeout)
-        bodies = Bodies(argparse.Namespace(steps=steps, guidance=guidance), model)
+        bodies = Bodies(argparse.Namespace(steps=steps, guidance=guidance, text=text), model)
         bodies.i = first
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         rec = await closed_loop(clients, url, bodies, workers, duration)
@@ -365,6 +366,7 @@ async def closed_loop_procs(
             bodies.args.steps,
             bodies.args.guidance,
             bodies.model,
+            bodies.args.text,
             bodies.i + 1_000_000 * (k + 1),
             n,
             start_at,
