@@ -149,7 +149,12 @@ def create_app(
             name: [c.name for c in spec.conditioning.classes or []] for name, spec in info.models.items()
         }
         engine = RequestManager(
-            client, metrics, settings.max_queue_size, settings.max_finished_jobs, class_names=class_names
+            client,
+            metrics,
+            settings.max_queue_size,
+            settings.max_finished_jobs,
+            class_names=class_names,
+            max_rows=settings.batch_rows if settings.shed_load else None,
         )
         if info.device.startswith("cuda"):
             metrics.set_gpu_memory_source(lambda: engine.gpu_bytes)

@@ -97,6 +97,8 @@ class EngineCore:
         self._out = EngineOutputs()
         self._gpu_reported = 0.0
         self._hits = self._misses = 0  # the worker's prompt-cache counters at the last emit
+        self._last_step_start = 0.0
+        self._busy_since_step = False  # cleared when the loop waits for work
         self._stopping: Shutdown | None = None
 
     # -- any thread ---------------------------------------------------------------------------
@@ -122,6 +124,7 @@ class EngineCore:
         while True:
             with self._wake:
                 while not (self._inbox or self._requests or self._reading or self._out):
+                    self._busy_since_step = False
                     self._wake.wait(0.5)
                 self._busy = True
                 inbox = list(self._inbox)
@@ -252,13 +255,16 @@ class EngineCore:
         if not ready:
             return
         t0 = time.perf_counter()
+        # Busy means the previous step's requests went on to this one (no idle wait in between).
+        period = t0 - self._last_step_start if self._busy_since_step else 0.0
+        self._last_step_start, self._busy_since_step = t0, True
         try:
             done = self.worker.step([r.state for r in ready])  # type: ignore[misc]
         except Exception:
             self._fault(ready, "a forward pass failed")
             return
         self.steps_run += 1
-        self._record_step(ready, time.perf_counter() - t0)
+        self._record_step(ready, time.perf_counter() - t0, period)
         done_ids = [r.id for r, d in zip(ready, done, strict=True) if d]
         finished = {e.id for e in self.scheduler.update(plan, done_ids)}
         completing: list[CoreRequest] = []
@@ -294,7 +300,7 @@ class EngineCore:
         if images is not None:
             self._out.events.append(Preview(req.id, step, req.total_steps, images))
 
-    def _record_step(self, ready: list[CoreRequest], seconds: float) -> None:
+    def _record_step(self, ready: list[CoreRequest], seconds: float, period: float) -> None:
         rows = sum(r.request.rows for r in ready)
         per_model: dict[str, int] = {}
         for r in ready:
@@ -302,6 +308,7 @@ class EngineCore:
         self._out.steps.append(
             StepStats(
                 forward_seconds=seconds,
+                period_seconds=period,
                 rows=rows,
                 padded_rows=self.worker.bucket_for(rows),
                 evaluations=tuple(per_model.items()),

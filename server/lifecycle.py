@@ -65,6 +65,14 @@ class EngineStopped(Exception):
     """The engine admits no requests now (shutting down, restarting or down); the message says which."""
 
 
+class Overloaded(Exception):
+    """The request would not finish before its deadline at the current load: shed at the door (503)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
@@ -179,9 +187,13 @@ class RequestManager:
         max_queue_size: int,
         max_finished_jobs: int = 1000,
         class_names: Mapping[str, list[str]] | None = None,
+        max_rows: int | None = None,
     ) -> None:
-        """``class_names``: per model, for the PNG parameters of class-conditional images."""
+        """``class_names``: per model, for the PNG parameters of class-conditional images. ``max_rows``: the
+        engine's rows per forward pass; given, admission sheds requests that could not meet their deadline
+        (see ``estimated_seconds``)."""
         self.client = client
+        self.max_rows = max_rows
         self.class_names = dict(class_names or {})
         self.metrics = metrics
         self.max_queue_size = max_queue_size
@@ -191,6 +203,8 @@ class RequestManager:
         self._queued: OrderedDict[str, Task] = OrderedDict()  # not started, in arrival order
         self._rows = 0  # rows of the requests in ``_live`` (the outstanding-rows gauge)
         self._forward_ewma = 0.05  # seconds per forward pass, for Retry-After
+        self._period_ewma: float | None = None  # seconds from one busy step to the next (load shedding)
+        self._work = 0.0  # row-steps the engine still owes the requests in ``_live`` (estimated)
         self._accepting = False
         self._stopping = False
         self.gpu_bytes = 0.0
@@ -253,6 +267,14 @@ class RequestManager:
         waiting, limit = len(self._queued), self.max_queue_size
         if waiting >= limit:
             raise QueueFull(f"{waiting} requests are waiting (max_queue_size={limit})")
+        estimate = self.estimated_seconds(request)
+        if estimate is not None and estimate > timeout:
+            self.metrics.shed_requests_total.inc()
+            raise Overloaded(
+                f"the server is overloaded: this request would take about {estimate:.1f} s, past its "
+                f"{timeout:g} s deadline; retry later",
+                retry_after=max(1, min(RETRY_AFTER_MAX_S, int(estimate - timeout) + 1)),
+            )
         task = Task(
             id=new_id("job" if is_job else "gen"),
             request=request,
@@ -271,6 +293,7 @@ class RequestManager:
         self._live[task.id] = task
         self._queued[task.id] = task
         self._rows += request.rows
+        self._work += request.rows * request.num_inference_steps
         if is_job:
             self.jobs[task.id] = task
             self._trim_jobs()
@@ -295,6 +318,22 @@ class RequestManager:
             return None
         return list(self._queued).index(task_id)
 
+    def estimated_seconds(self, request: ResolvedRequest) -> float | None:
+        """Seconds until ``request`` would finish if admitted now, or None before the engine has been
+        measured busy (no shedding on a guess).
+
+        The engine does ``max_rows`` row-steps per busy step period. Work ahead: the row-steps still owed
+        to the requests in flight (their rows x steps at admission, less the rows of every step run since).
+        The request finishes no sooner than its own steps take, and no sooner than the work ahead plus its
+        own at full-batch throughput. Heun-type samplers take two evaluations per step: their time is
+        under-estimated by up to half (the deadline still bounds them).
+        """
+        if self.max_rows is None or self._period_ewma is None:
+            return None
+        own = request.rows * request.num_inference_steps
+        throughput = self.max_rows / self._period_ewma  # row-steps per second when full
+        return max(request.num_inference_steps * self._period_ewma, (max(0.0, self._work) + own) / throughput)
+
     def retry_after(self) -> int:
         """Seconds a rejected client should wait: a rough time to drain the waiting requests' first step."""
         return max(1, min(RETRY_AFTER_MAX_S, int(len(self._queued) * self._forward_ewma) + 1))
@@ -306,6 +345,10 @@ class RequestManager:
         m = self.metrics
         for s in out.steps:
             self._forward_ewma = 0.9 * self._forward_ewma + 0.1 * s.forward_seconds
+            self._work = max(0.0, self._work - s.rows)
+            if s.period_seconds > 0:
+                p = self._period_ewma
+                self._period_ewma = s.period_seconds if p is None else 0.9 * p + 0.1 * s.period_seconds
             m.forward_duration_seconds.observe(s.forward_seconds)
             m.rows_per_forward.observe(s.rows)
             m.padded_rows_per_forward.observe(s.padded_rows)
@@ -360,6 +403,10 @@ class RequestManager:
         """Out of flight (terminal, or handed to PNG encoding); the caller updates the gauges."""
         if self._live.pop(task.id, None) is not None:
             self._rows -= task.request.rows
+            if task.started is None:  # never ran: all its work leaves with it
+                self._work -= task.request.rows * task.request.num_inference_steps
+            if not self._live:
+                self._work = 0.0  # nothing owed: drop what the estimate drifted by (cancels mid-run)
         self._queued.pop(task.id, None)
 
     def _gauges(self) -> None:

@@ -115,6 +115,7 @@ class StepStats:
     """One forward pass: what the serving side's metrics and retry-after estimate are made of."""
 
     forward_seconds: float  # host time of the step (on CUDA: launch + the bounded run-ahead wait)
+    period_seconds: float  # from the previous step's start to this one's while busy; 0 after an idle spell
     rows: int  # real rows in the pass
     padded_rows: int  # rows after padding to the batch bucket
     evaluations: tuple[tuple[str, int], ...]  # (model, rows) per model in the pass

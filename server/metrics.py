@@ -90,6 +90,11 @@ class Metrics:
         self.engine_errors_total = Counter(
             "unet_server_engine_errors_total", "Engine steps that raised (their requests failed).", registry=r
         )
+        self.shed_requests_total = Counter(
+            "unet_server_shed_requests_total",
+            "Requests refused at admission (503) because at the current load they would miss their deadline.",
+            registry=r,
+        )
         self.prompt_cache_total = Counter(
             "unet_server_prompt_cache_total",
             "Prompt encodings by cache result: hit (served from the LRU cache) or miss (encoded).",

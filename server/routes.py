@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from server.lifecycle import EngineStopped, QueueFull, RequestManager, Task
+from server.lifecycle import EngineStopped, Overloaded, QueueFull, RequestManager, Task
 from server.metrics import CONTENT_TYPE
 from server.schemas import (
     GenerateRequest,
@@ -181,6 +181,9 @@ async def _submit(
         raise HTTPException(
             429, "the request queue is full; retry later", headers={"Retry-After": str(engine.retry_after())}
         ) from None
+    except Overloaded as exc:
+        request.state.status = 503
+        raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
     except EngineStopped as exc:
         raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from None
 

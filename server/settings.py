@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     max_steps_ahead: int = Field(1, ge=1, le=8)
     # Requests admitted but not yet started; beyond this a request gets 429.
     max_queue_size: int = Field(256, ge=1)
+    # Refuse (503 + Retry-After) a request that, at the engine's measured pace and the work already
+    # admitted, would finish after its deadline, instead of letting it time out in the queue.
+    shed_load: bool = True
     # Deadline of a /generate or /v1/images/generations request, from arrival (504 past it).
     request_timeout_seconds: float = Field(120.0, gt=0)
     # Deadline of a /v1/jobs job, from arrival.

@@ -248,7 +248,7 @@ def test_parent_admission_bound_and_queue_positions() -> None:
         assert engine.queue_position(a.id) is None and engine.queue_position(b.id) == 0
         engine.submit(tiny_request(), "generate", 10.0)  # a started: room again
         # Once the core reports sampling done, it is too late to cancel.
-        stats = StepStats(0.25, 3, 4, (("tiny-class", 3),))
+        stats = StepStats(0.25, 0.0, 3, 4, (("tiny-class", 3),))
         theirs.send(EngineOutputs(events=[Sampled(a.id)], steps=[stats]))
         while not a.sampling_done:
             await asyncio.sleep(0.01)

@@ -57,7 +57,7 @@ SAMPLES = [
             Finished("a", IMAGES),
             Failed("b", 500, "internal error (error id x)", "x"),
         ],
-        steps=[StepStats(0.004, 6, 8, (("m", 6),))],
+        steps=[StepStats(0.004, 0.005, 6, 8, (("m", 6),))],
         faults=1,
         nonfinite=(("m", 1),),
         gpu_bytes=1e9,

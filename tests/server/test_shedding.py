@@ -1,0 +1,78 @@
+"""Admission sheds a request that could not finish before its deadline at the measured pace (503 at the
+door) instead of letting it time out in the queue; it admits again as the work drains."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.lifecycle import Overloaded, RequestManager
+from server.messages import EngineOutputs, StepStats, ToCore
+from server.metrics import Metrics
+from server.request import ResolvedRequest
+
+
+class FakeClient:
+    """An EngineClient that accepts every message and never answers (the test feeds outputs itself)."""
+
+    def __init__(self) -> None:
+        self.sent: list[ToCore] = []
+
+    def start(self, loop: object, sink: object) -> None: ...
+
+    def send(self, message: ToCore) -> bool:
+        self.sent.append(message)
+        return True
+
+    serving = True
+    failure = None
+
+
+def req(steps: int = 10) -> ResolvedRequest:
+    return ResolvedRequest(
+        model="m", prompt=None, negative_prompt=None, class_label=0, control=None, control_scale=1.0,
+        num_inference_steps=steps, sampler="euler", guidance_scale=2.0, seed=0, num_images=1, width=8,
+        height=8, guided=True,
+    )  # fmt: skip
+
+
+def steps(n: int, rows: int, period: float = 0.1) -> EngineOutputs:
+    return EngineOutputs(steps=[StepStats(period / 2, period, rows, rows, (("m", rows),)) for _ in range(n)])
+
+
+def test_sheds_what_would_miss_its_deadline_and_recovers() -> None:
+    async def body() -> None:
+        manager = RequestManager(FakeClient(), Metrics(), max_queue_size=100, max_rows=4)  # type: ignore[arg-type]
+        manager.start(asyncio.get_running_loop())
+        # Not measured yet: no shedding on a guess.
+        assert manager.estimated_seconds(req()) is None
+        manager.on_outputs(steps(1, 4))  # 0.1 s per busy step of 4 rows: 40 row-steps/s
+        a = manager.submit(req(), "generate", timeout=1.0)  # 20 row-steps own; alone: 10 steps x 0.1 s
+        assert manager.estimated_seconds(req()) == pytest.approx(1.0)  # 20 ahead + 20 own at 40/s
+        b = manager.submit(req(), "generate", timeout=1.0)
+        with pytest.raises(Overloaded) as exc:
+            manager.submit(req(), "generate", timeout=1.0)  # 40 ahead + 20 own = 1.5 s > 1 s
+        assert exc.value.retry_after >= 1 and "1.5 s" in str(exc.value)
+        assert manager.submit(req(), "jobs", timeout=60.0, is_job=True)  # a longer deadline still fits
+        manager.cancel(manager.jobs.popitem()[0])
+        manager.on_outputs(steps(5, 4))  # 20 row-steps done
+        assert manager.estimated_seconds(req()) == pytest.approx(1.0)  # admits again
+        manager.submit(req(), "generate", timeout=1.0)
+        registry = manager.metrics.registry
+        assert registry.get_sample_value("unet_server_shed_requests_total") == 1
+        assert not a.done and not b.done
+
+    asyncio.run(body())
+
+
+def test_a_request_slower_than_its_deadline_alone_is_shed() -> None:
+    async def body() -> None:
+        manager = RequestManager(FakeClient(), Metrics(), max_queue_size=100, max_rows=64)  # type: ignore[arg-type]
+        manager.start(asyncio.get_running_loop())
+        manager.on_outputs(steps(1, 2, period=0.05))
+        with pytest.raises(Overloaded):
+            manager.submit(req(steps=100), "generate", timeout=2.0)  # 100 steps x 50 ms = 5 s alone
+        manager.submit(req(steps=30), "generate", timeout=2.0)
+
+    asyncio.run(body())
