@@ -36,6 +36,14 @@ __all__ = [
 ]
 
 MAX_PROMPT_CHARS = 2000
+# The caps on steps, images and size are settings, checked in ``resolve_generate`` with a message that names
+# the configured cap; the fields carry no static upper bound, which would be the one a user is told first.
+STEPS_CAP = "At most UNET_SERVER_MAX_INFERENCE_STEPS (default 200); omitted = the model's default."
+IMAGES_CAP = "At most UNET_SERVER_MAX_IMAGES (default 8)."
+SIZE_CAP = (
+    "A multiple of the model's size_multiple, at most UNET_SERVER_MAX_IMAGE_SIZE (unset: the model's native "
+    "size, its sample_size in /v1/models); omitted = the model's default."
+)
 
 
 def field_error(field: str, message: str, value: Any = None) -> RequestValidationError:
@@ -63,13 +71,13 @@ class GenerateRequest(BaseModel):
     )
     control_image: str | None = Field(None, description="Base64 PNG/JPEG control map (ControlNet models).")
     control_scale: float = Field(1.0, ge=0.0, le=4.0)
-    num_inference_steps: int | None = Field(None, ge=1, le=10_000)
+    num_inference_steps: int | None = Field(None, ge=1, description=STEPS_CAP)
     sampler: str | None = Field(None, max_length=64)
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description="1 disables guidance.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i uses seed + i; omitted = random.")
-    num_images: int = Field(1, ge=1, le=1024)
-    width: int | None = Field(None, ge=1, le=16_384)
-    height: int | None = Field(None, ge=1, le=16_384)
+    num_images: int = Field(1, ge=1, description=IMAGES_CAP)
+    width: int | None = Field(None, ge=1, description=SIZE_CAP)
+    height: int | None = Field(None, ge=1, description=SIZE_CAP)
     preview_every: int = Field(
         0, ge=0, le=10_000,
         description="Jobs only: a `preview` event (small PNG of the current estimate) every k steps on the "
@@ -109,13 +117,13 @@ class OpenAIImageRequest(BaseModel):
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     model: str | None = None
-    n: int = Field(1, ge=1, le=1024)
+    n: int = Field(1, ge=1, description=IMAGES_CAP)
     size: str | None = Field(None, description='"WIDTHxHEIGHT", e.g. "32x32"; omitted = model default.')
     response_format: str = Field("b64_json", description='Only "b64_json" is served.')
     # Extensions (send through the OpenAI client's extra_body).
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     sampler: str | None = Field(None, max_length=64)
-    num_inference_steps: int | None = Field(None, ge=1, le=10_000)
+    num_inference_steps: int | None = Field(None, ge=1, description=STEPS_CAP)
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
 
@@ -203,8 +211,12 @@ def _size(value: int | None, default: int, field: str, spec: ModelSpec, settings
         return default
     cap = settings.max_image_size or spec.sample_size
     if value > cap:
-        why = "the configured maximum" if settings.max_image_size else f"model {spec.id!r}'s native size"
-        raise field_error(field, f"{value} exceeds the maximum image size {cap} ({why})", value)
+        why = (
+            "the maximum image size, UNET_SERVER_MAX_IMAGE_SIZE" if settings.max_image_size
+            else f"model {spec.id!r}'s native size, the maximum image size while UNET_SERVER_MAX_IMAGE_SIZE "
+            "is unset"
+        )
+        raise field_error(field, f"{value} exceeds the maximum {cap} ({why})", value)
     if value % spec.size_multiple or value < spec.size_multiple:
         raise field_error(field, f"{value} must be a positive multiple of {spec.size_multiple}", value)
     return value
@@ -244,7 +256,8 @@ def resolve_generate(
     steps = req.num_inference_steps or spec.defaults.num_inference_steps
     if steps > s.max_inference_steps:
         raise field_error(
-            "num_inference_steps", f"{steps} exceeds the maximum {s.max_inference_steps}", steps
+            "num_inference_steps",
+            f"{steps} exceeds the maximum {s.max_inference_steps} (UNET_SERVER_MAX_INFERENCE_STEPS)", steps,
         )
     if ctx.check_steps is not None:
         try:
@@ -252,7 +265,7 @@ def resolve_generate(
         except ValueError as exc:
             raise field_error("num_inference_steps", str(exc), steps) from None
     if req.num_images > s.max_images:
-        message = f"{req.num_images} exceeds the maximum {s.max_images}"
+        message = f"{req.num_images} exceeds the maximum {s.max_images} (UNET_SERVER_MAX_IMAGES)"
         raise field_error("num_images", message, req.num_images)
     width = _size(req.width, spec.defaults.width, "width", spec, s)
     height = _size(req.height, spec.defaults.height, "height", spec, s)
