@@ -63,6 +63,25 @@ def apply_load_info(state: ServerState, info: LoadInfo) -> None:
     )
 
 
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document plus the request bodies the routes parse by hand (``$ref``'d there)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        from server.routes import OPENAPI_REQUEST_MODELS
+
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in OPENAPI_REQUEST_MODELS:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def use_engine_process(settings: Settings) -> bool:
     """``engine_mode``: "process" / "thread"; "auto" = a process for ``device`` cuda, and for device auto when
     the machine has an NVIDIA device node. Decided without importing torch, so that the engine process can
@@ -182,7 +201,10 @@ def create_app(
         version="0.1.0",
         description="Diffusion U-Net sampling with step-level continuous batching.",
         lifespan=lifespan,
+        docs_url=None,  # server.routes serves /docs with Swagger UI's files from this package (no CDN)
+        redoc_url=None,  # ReDoc would load from a CDN; /docs is the one documentation page
     )
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     app.state.server = state
     app.include_router(router)
     app.include_router(playground_router)

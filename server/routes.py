@@ -7,13 +7,15 @@ import base64
 import hmac
 import json
 import re
+from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -268,23 +270,81 @@ def _job_info(task: Task, engine: RequestManager) -> JobInfo:
     )
 
 
+# -- OpenAPI: request bodies (the routes parse them by hand) and error responses --------------------
+# Request schemas are added to components.schemas by ``server.app.openapi_schema`` (FastAPI registers only
+# the models a route declares as parameters).
+OPENAPI_REQUEST_MODELS: tuple[type[BaseModel], ...] = (GenerateRequest, OpenAIImageRequest)
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
 _GENERATE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": GenerateRequest.model_json_schema()},
+            "application/json": {"schema": _ref("GenerateRequest")},
             "multipart/form-data": {
                 "schema": {
-                    **GenerateRequest.model_json_schema(),
+                    "allOf": [_ref("GenerateRequest")],
                     "properties": {
-                        **GenerateRequest.model_json_schema()["properties"],
-                        "control_image": {"type": "string", "format": "binary"},
+                        "control_image": {
+                            "type": "string", "format": "binary", "description": "The control map as a file.",
+                        },
                     },
                 }
             },
         },
     }
 }
+_OPENAI_BODY = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("OpenAIImageRequest")}}}
+}
+
+
+class ErrorBody(BaseModel):
+    """Every error: FastAPI's ``detail`` and a top-level ``message`` (what OpenAI's client shows)."""
+
+    detail: str = Field(description="What went wrong.")
+    message: str = Field(description="The same, for OpenAI-style clients.")
+
+
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description='Where: ["body", "<field>"].')
+    msg: str = Field(description='"<field>: <what is wrong>", e.g. the configured cap it exceeds.')
+    type: str
+
+
+class ValidationErrorBody(BaseModel):
+    """422: one entry per invalid field; ``message`` joins their messages."""
+
+    detail: list[FieldError]
+    message: str
+
+
+class FaultBody(ErrorBody):
+    """500: a server fault (also a model that produced non-finite values); no traceback, an id to find it in
+    the server's log."""
+
+    error_id: str | None = Field(None, description="Quote it when reporting; the log line carries it.")
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                               "schema": {"type": "integer"}}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "No valid bearer token (when UNET_SERVER_API_KEY is set)."},
+    413: {"model": ErrorBody, "description": "The request body is too large."},
+    422: {"model": ValidationErrorBody, "description": "A field is invalid; `detail[].loc` names it."},
+    429: {"model": ErrorBody, "description": "The queue is full.", "headers": _RETRY_AFTER},
+    500: {"model": FaultBody, "description": "A server fault, with an `error_id`."},
+    503: {"model": ErrorBody, "description": "Models loading or engine restarting.", "headers": _RETRY_AFTER},
+    504: {"model": ErrorBody, "description": "Past its deadline (UNET_SERVER_REQUEST_TIMEOUT_SECONDS)."},
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: _ERRORS[c] for c in codes}
 
 
 # -- generation -----------------------------------------------------------------------------------
@@ -294,7 +354,13 @@ _GENERATE_BODY = {
     "/generate",
     response_model=GenerateResponse,
     openapi_extra=_GENERATE_BODY,
-    responses={200: {"content": {"image/png": {}}, "description": "JSON, or a PNG with Accept: image/png"}},
+    responses={
+        200: {
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "JSON, or the PNG itself with `Accept: image/png` and one image.",
+        },
+        **_errors(401, 413, 422, 429, 500, 503, 504),
+    },
 )
 async def generate(request: Request, engine: EngineDep) -> Response:
     """Generate images; waits for the result. A client that disconnects cancels its request."""
@@ -326,7 +392,12 @@ async def generate(request: Request, engine: EngineDep) -> Response:
     return JSONResponse(_generate_response(task).model_dump())
 
 
-@api.post("/v1/images/generations", response_model=OpenAIImagesResponse)
+@api.post(
+    "/v1/images/generations",
+    response_model=OpenAIImagesResponse,
+    openapi_extra=_OPENAI_BODY,
+    responses=_errors(401, 413, 422, 429, 500, 503, 504),
+)
 async def openai_images(request: Request, engine: EngineDep) -> Response:
     """OpenAI-compatible image generation (response_format b64_json). Class models take a class name."""
     state = _state(request)
@@ -361,7 +432,13 @@ def _job(engine: RequestManager, job_id: str) -> Task:
     return task
 
 
-@api.post("/v1/jobs", status_code=202, response_model=JobInfo, openapi_extra=_GENERATE_BODY)
+@api.post(
+    "/v1/jobs",
+    status_code=202,
+    response_model=JobInfo,
+    openapi_extra=_GENERATE_BODY,
+    responses=_errors(401, 413, 422, 429, 500, 503),
+)
 async def create_job(request: Request, engine: EngineDep) -> Response:
     """Queue a generation; poll GET /v1/jobs/{id} or stream GET /v1/jobs/{id}/events."""
     state = _state(request)
@@ -375,13 +452,23 @@ async def create_job(request: Request, engine: EngineDep) -> Response:
     return JSONResponse(info.model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{task.id}"})
 
 
-@api.get("/v1/jobs/{job_id}", response_model=JobInfo)
+_NO_JOB: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such job."}}
+
+
+@api.get("/v1/jobs/{job_id}", response_model=JobInfo, responses=_NO_JOB)
 async def get_job(job_id: str, engine: EngineDep) -> JobInfo:
     """Status, step, total steps, queue position; the result once completed."""
     return _job_info(_job(engine, job_id), engine)
 
 
-@api.post("/v1/jobs/{job_id}/cancel", response_model=JobInfo)
+@api.post(
+    "/v1/jobs/{job_id}/cancel",
+    response_model=JobInfo,
+    responses={
+        404: {"model": ErrorBody, "description": "No such job."},
+        409: {"model": ErrorBody, "description": "The job has already finished (or its sampling has)."},
+    },
+)
 async def cancel_job(job_id: str, engine: EngineDep) -> Response:
     """Cancel a queued or running job (409 when it has already finished)."""
     task = _job(engine, job_id)
@@ -393,7 +480,17 @@ async def cancel_job(job_id: str, engine: EngineDep) -> Response:
     return JSONResponse(_job_info(task, engine).model_dump())
 
 
-@api.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse)
+@api.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "`event: <name>` / `data: <JSON>` pairs until completed, failed or cancelled.",
+        },
+        404: {"model": ErrorBody, "description": "No such job."},
+    },
+)
 async def job_events(job_id: str, request: Request, engine: EngineDep) -> Response:
     """Server-sent events: queued, started, progress (per step), then completed, failed or cancelled."""
     task = _job(engine, job_id)
@@ -457,10 +554,51 @@ async def ready(request: Request) -> Response:
     return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                     "description": "Prometheus text exposition format 0.0.4."}},
+)
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition."""
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+# -- /docs: Swagger UI from this server's own files (no CDN; the page works offline) ------------------
+
+SWAGGER_DIR = Path(__file__).resolve().parent / "static" / "swagger"
+_SWAGGER_TYPES = {
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "favicon-32x32.png": "image/png",
+    "LICENSE": "text/plain; charset=utf-8",
+    "NOTICE": "text/plain; charset=utf-8",
+}
+
+
+@router.get("/docs", include_in_schema=False)
+async def swagger_ui(request: Request) -> HTMLResponse:
+    """Swagger UI for /openapi.json; its script, style sheet and icon come from /docs/static/."""
+    root = request.scope.get("root_path", "")
+    return get_swagger_ui_html(
+        openapi_url=f"{root}{request.app.openapi_url}",
+        title=f"{request.app.title} - API docs",
+        swagger_js_url=f"{root}/docs/static/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}/docs/static/swagger-ui.css",
+        swagger_favicon_url=f"{root}/docs/static/favicon-32x32.png",
+    )
+
+
+@router.get("/docs/static/{name}", include_in_schema=False)
+async def swagger_asset(name: str) -> Response:
+    """One of the vendored Swagger UI files (a fixed list: no path leaves server/static/swagger/)."""
+    media_type = _SWAGGER_TYPES.get(name)
+    path = SWAGGER_DIR / name
+    if media_type is None or not path.is_file():
+        raise HTTPException(404, f"no docs asset {name!r}")
+    headers = {"Cache-Control": "public, max-age=86400"}
+    return Response(path.read_bytes(), media_type=media_type, headers=headers)
 
 
 router.include_router(api)
