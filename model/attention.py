@@ -20,6 +20,20 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 BACKENDS = ("xformers", "sdpa", "math")
+# Probe outcomes already reported by this process: every model load probes again (cheap), but saying the
+# same thing once per model only repeats it; a repeat goes to DEBUG.
+_REPORTED: set[str] = set()
+
+
+def _report(level: int, msg: str, *args: object) -> None:
+    text = msg % args
+    log.log(logging.DEBUG if text in _REPORTED else level, "%s", text)
+    _REPORTED.add(text)
+
+
+def reset_probe_log() -> None:
+    """Forget what was reported (the next probe outcome is logged at its level again)."""
+    _REPORTED.clear()
 
 
 def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -92,7 +106,7 @@ def select_backend(
             raise RuntimeError(
                 f"attention backend {preferred!r} cannot run on {device}/{dtype}: {type(e).__name__}: {e}"
             ) from e
-        log.info("attention backend %s (requested) on %s/%s", preferred, device, dtype)
+        _report(logging.INFO, "attention backend %s (requested) on %s/%s", preferred, device, dtype)
         return preferred
     for i, name in enumerate(BACKENDS):
         try:
@@ -100,7 +114,7 @@ def select_backend(
         except Exception as e:
             nxt = BACKENDS[i + 1] if i + 1 < len(BACKENDS) else None
             level = logging.INFO if isinstance(e, ImportError) else logging.WARNING
-            log.log(
+            _report(
                 level,
                 "attention backend %s unavailable on %s/%s (%s: %s); trying %s",
                 name,
@@ -111,7 +125,7 @@ def select_backend(
                 nxt,
             )
             continue
-        log.info("attention backend %s on %s/%s", name, device, dtype)
+        _report(logging.INFO, "attention backend %s on %s/%s", name, device, dtype)
         return name
     raise RuntimeError("no attention backend works, not even math")  # math only fails on a broken device
 

@@ -7,13 +7,17 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from server.logconfig import configure_logging
 from server.settings import Settings
+
+log = logging.getLogger("server")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +37,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (a name other than localhost counts as not)."""
+    if host.strip("[]").lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """A loud warning when the server listens beyond loopback without an API key."""
+    if settings.api_key is not None or is_loopback(settings.host):
+        return
+    bar = "!" * 100
+    log.warning(
+        "%s\nlistening on %s:%d WITHOUT an API key: anyone who can reach this address can generate images, "
+        "read and cancel jobs. Set UNET_SERVER_API_KEY (clients then send 'Authorization: Bearer <key>') or "
+        "bind 127.0.0.1 (UNET_SERVER_HOST / --host).\n%s",
+        bar, settings.host, settings.port, bar,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
@@ -40,9 +67,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = Settings(**overrides)
     except ValidationError as exc:
         sys.exit(f"invalid settings:\n{exc}")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
+    warn_if_exposed(settings)
     import uvicorn
 
     from server.app import create_app
@@ -52,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers propagate to configure_logging's one handler (one format)
         timeout_graceful_shutdown=60,
     )
 

@@ -180,7 +180,8 @@ def create_app(
         engine.start(asyncio.get_running_loop())
         state.engine = engine
         state.ready = True
-        log.info("ready")
+        served = ", ".join(sorted(state.models))
+        log.info("ready: serving %s on %s; /health/ready answers 200", served, info.device)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # Log lines as text ("2026-01-02 03:04:05,678 INFO [server] name: message") or one JSON object per line.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("models", "batch_buckets", mode="before")
     @classmethod
