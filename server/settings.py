@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     # Control image limits: encoded bytes and decoded pixels (checked before decoding pixels).
     max_control_image_bytes: int = Field(2_000_000, ge=1)
     max_control_image_pixels: int = Field(1024 * 1024, ge=1)
+    # A model that fails to load (a broken folder, the text extra not installed): False = the server fails
+    # (/health/ready "failed", naming every such model); True = serve the models that load and report the
+    # others in /health/ready and /v1/models ("unavailable").
+    skip_broken_models: bool = False
     # Optional bearer token; when set every /generate, /v1/* request must send it.
     api_key: SecretStr | None = None
     # Bind address for `python -m server`.

@@ -23,6 +23,7 @@ class ServerState:
     ready: bool = False
     load_error: str | None = None
     models: dict[str, ModelSpec] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)  # model id -> why it did not load (not served)
     samplers: list[SamplerInfo] = field(default_factory=list)
     ctx: ValidationContext | None = None
     device: str = ""
