@@ -54,13 +54,16 @@ def test_default_fails_naming_every_broken_model(weights_with_broken: Path) -> N
                 time.sleep(0.05)
             assert r.status_code == 503 and r.json()["status"] == "failed", r.text
             error = r.json()["error"]
-            assert "tiny-broken" in error and "safetensors" in error and "UNET_SERVER_SKIP_BROKEN_MODELS" in error
+            assert "tiny-broken" in error and "safetensors" in error
+            assert "UNET_SERVER_SKIP_BROKEN_MODELS" in error
             assert "tiny-text:" not in error and "1 model(s) failed" in error  # the others loaded
     finally:
         live.stop()
 
 
-def test_skip_serves_what_loads_and_reports_the_rest(weights_with_broken: Path, no_transformers: None) -> None:
+def test_skip_serves_what_loads_and_reports_the_rest(
+    weights_with_broken: Path, no_transformers: None
+) -> None:
     live = start_server(weights_with_broken, skip_broken_models=True, text_encoder_loader=None)
     try:
         with live.client() as c:
