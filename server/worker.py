@@ -11,8 +11,9 @@ row, so padding is always finite input); every bucket runs once at ``warmup``.
 On CUDA (unless ``cuda_graphs=False``) each denoiser runs through a ``GraphedDenoiser``
 (model/cuda_graphs.py): one CUDA graph per bucket, all captured at ``warmup`` for the model's default size,
 with and without control for ControlNet pipelines. A call whose structure was not captured (another image
-size) runs eagerly rather than capture on the hot path. The CPU path is eager and unchanged: its byte-exact
-batch invariance relies on bucket-sized GEMMs, including the ControlNet's subset of rows.
+size) runs eagerly rather than capture on the hot path. Every path pads through a ``GraphedDenoiser``: on CPU
+(or for a structure not captured) the same padded call runs eagerly; its byte-exact batch invariance on CPU
+relies on bucket-sized GEMMs.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class Worker:
         self.max_steps_ahead = max_steps_ahead
         self._step_events: deque[Any] = deque()
         self._graphs: dict[int, GraphedDenoiser] = {}  # id(denoiser) -> its runner
+        self._eager: dict[int, GraphedDenoiser] = {}  # id(denoiser) -> its runner without graphs
         # (id(denoiser), per-row x shape, with control) of every structure captured for all buckets
         self._captured: set[tuple[int, tuple[int, ...], bool]] = set()
         # A base model with several ControlNets cannot run them all in one call: key those apart.
@@ -287,21 +289,17 @@ class Worker:
         head = requests[0].pipeline
         class_labels = torch.cat([r.class_labels for r in requests]) if head.kind == "class" else None  # type: ignore[misc]
         context = torch.cat([r.context for r in requests]) if head.kind == "text" else None  # type: ignore[misc]
-        denoiser, control, scale, mask = head.denoiser, None, None, None
+        denoiser, control, scale = head.denoiser, None, None
         if layout.any_control:
             denoiser = next(r for r in requests if r.control is not None).pipeline.denoiser
             zeros = x.new_zeros((1, 1, *x.shape[2:]))
             control = torch.cat(
                 [r.control if r.control is not None else zeros.expand(r.rows, -1, -1, -1) for r in requests]
             )  # (B, 1, H, W)
-            # Rows without a control map get scale 0: exactly zero residuals.
+            # Rows without a control map get scale 0: exactly zero residuals (static shapes, no host sync).
             per_row = [r.control_scale if r.has_control else 0.0 for r in requests for _ in range(r.rows)]
             scale = self._to_device(torch.tensor(per_row, dtype=torch.float32))  # (B,)
-            if not layout.all_control and self.device.type != "cuda":
-                # CPU: run the ControlNet on the rows with a map only (see _forward). On CUDA the zero scale
-                # alone does it, with static shapes and without boolean indexing's host sync.
-                mask = torch.tensor(layout.control_rows)  # (B,)
-        return self._forward(denoiser, x, sigma, class_labels, context, control, scale, mask)
+        return self._forward(denoiser, x, sigma, class_labels, context, control, scale)
 
     def _combine(
         self,
@@ -354,61 +352,30 @@ class Worker:
         context: torch.Tensor | None,
         control: torch.Tensor | None,
         scale: torch.Tensor | None,
-        mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The denoiser on rows padded up to their bucket (pad = copies of row 0); returns the real rows."""
+        """The denoiser on rows padded up to their bucket; returns the real rows (a copy).
+
+        One path on every device: a ``GraphedDenoiser`` pads the rows into its bucket's static buffers and
+        replays the bucket's CUDA graph when this structure was captured at warm-up, else runs the same
+        padded call eagerly (CPU, or a size not captured). Bucket-sized calls keep a row's result
+        independent of the other rows on CPU (byte-exact batch invariance)."""
         runner = self._runner(denoiser, x, control)
-        if runner is not None:  # pads, replays, folds the mask into the scale; returns a copy
-            return runner(
-                x,
-                sigma,
-                class_labels=class_labels,
-                context=context,
-                control_cond=control,
-                control_scale=scale,
-                control_mask=mask,
-            )
-        rows = x.shape[0]
-        pad = self.bucket_for(rows) - rows
-        pad_scale = True
-
-        def padded(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None or pad == 0:
-                return t
-            return torch.cat([t, t[:1].expand(pad, *t.shape[1:])])  # (bucket, ...)
-
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_zeros(pad)]) if pad else mask.clone()
-            # The ControlNet runs on the masked rows only. Widen the mask to a bucket size with rows whose
-            # control scale is 0 (their residuals stay exactly zero), so its batch is a bucket too:
-            # bucket-sized GEMMs keep rows batch-invariant on CPU and give CUDA graphs static shapes.
-            need = self.bucket_for(int(mask.sum())) - int(mask.sum())
-            if need:
-                spare = (~mask).nonzero().squeeze(1)[:need]  # (need,)
-                mask[spare] = True
-                scale = padded(scale)
-                assert scale is not None
-                scale = scale.clone()
-                scale[spare] = 0.0
-                pad_scale = False
-        out = denoiser(
-            padded(x),
-            padded(sigma),
-            class_labels=padded(class_labels),
-            context=padded(context),
-            control_cond=padded(control),
-            control_scale=padded(scale) if pad_scale else scale,
-            control_mask=mask,
+        return runner(
+            x, sigma, class_labels=class_labels, context=context, control_cond=control, control_scale=scale
         )
-        return out[:rows]
 
     # -- CUDA graphs ----------------------------------------------------------------------------
 
-    def _runner(self, denoiser: Any, x: torch.Tensor, control: torch.Tensor | None) -> GraphedDenoiser | None:
-        """The denoiser's graph runner if this input structure was captured at warm-up, else None (eager)."""
-        if (id(denoiser), tuple(x.shape[1:]), control is not None) not in self._captured:
-            return None
-        return self._graphs[id(denoiser)]
+    def _runner(self, denoiser: Any, x: torch.Tensor, control: torch.Tensor | None) -> GraphedDenoiser:
+        """The denoiser's graph runner if this input structure was captured at warm-up, else its eager
+        runner (same padding, no graphs: never a capture on the hot path)."""
+        if (id(denoiser), tuple(x.shape[1:]), control is not None) in self._captured:
+            return self._graphs[id(denoiser)]
+        runner = self._eager.get(id(denoiser))
+        if runner is None:
+            runner = GraphedDenoiser(denoiser, self.buckets, device=self.device, use_graphs=False)
+            self._eager[id(denoiser)] = runner
+        return runner
 
     def _capture(self, denoiser: Any, **example: Any) -> None:
         """Capture a graph per bucket for the structure of ``example`` (x fp32, sigma float64, max rows)."""
@@ -536,7 +503,6 @@ class Worker:
                     e["context"],
                     e["control_cond"],
                     e["control_scale"],
-                    None,
                 )
                 self.warmed.add((key, b))
         if self.device.type == "cuda":

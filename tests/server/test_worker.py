@@ -67,8 +67,8 @@ def run(worker: Worker, reqs: list[ResolvedRequest]) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("reqs", [TEXT_REQUESTS, CLASS_REQUESTS], ids=["text+control", "class"])
 def test_runner_path_matches_eager(pipelines: dict[str, Any], reqs: list[ResolvedRequest]) -> None:
-    """The CUDA-graph code path of the worker (forced on; GraphedDenoiser is eager on CPU) gives the eager
-    path's images: mask folded into the scale, copies of the outputs, with/without-control structures."""
+    """The worker's runners for captured structures (forced on; GraphedDenoiser is eager on CPU) give the
+    images of its uncaptured (eager) runners: copies of the outputs, with/without-control structures."""
     eager = Worker(pipelines, BUCKETS)
     eager.warmup()
     graphed = Worker(pipelines, BUCKETS)
@@ -78,7 +78,8 @@ def test_runner_path_matches_eager(pipelines: dict[str, Any], reqs: list[Resolve
     assert (id(edges), (3, SIZE, SIZE), True) in graphed._captured
     assert (id(edges), (3, SIZE, SIZE), False) in graphed._captured
     assert len(graphed._captured) == 4  # class, text, edges with and without control
-    assert graphed._runner(edges, torch.zeros(1, 3, 8, 8), None) is None  # other sizes: eager
+    other_size = graphed._runner(edges, torch.zeros(1, 3, 8, 8), None)  # not captured: the eager runner
+    assert other_size is not graphed._graphs[id(edges)] and not other_size.uses_graphs(torch.device("cuda"))
     for a, b in zip(run(eager, reqs), run(graphed, reqs), strict=True):
         assert a.shape == b.shape
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
