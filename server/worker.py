@@ -228,7 +228,7 @@ class Worker:
                     warnings.append(f"{field} was truncated to the text encoder's {limit} tokens")
         if req.control is not None:
             cond = self._to_device(torch.from_numpy(np.ascontiguousarray(req.control)))  # (H, W)
-            control = cond[None, None].expand(n * (2 if req.guided else 1), 1, *cond.shape)  # (rows, 1, H, W)
+            control = cond[None, None].expand(rows_for(n, req.guided), 1, *cond.shape)  # (rows, 1, H, W)
         return RequestState(
             pipeline=p,
             sampler=sampler,
