@@ -136,10 +136,11 @@ def test_sde_from_noise_forgets_start(kind):
 
 @pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_sde"])
 def test_dpmpp_default_grid_is_stable_for_flow(name):
-    # FlowMatch's own grid ends in a tiny σ after a long step, over which the 2M extrapolation overshoots
-    # (std ×1.2–1.5 at 25 steps); the trailing default does not overshoot.
+    # FlowMatch's own grid ends in a tiny σ after a long step, over which the 2M extrapolation overshot
+    # (std ×1.2–1.5 at 25 steps) until steps with e^h > max_step_ratio became first order (issue 15); the
+    # trailing default has no such step.
     out, _ = _final_stats("flow", name, 25, None)
     ratio = out.std(0) / S
     assert ((ratio < 1.06) & (ratio > 0.8)).all(), ratio
     out, _ = _final_stats("flow", name, 25, "linspace")
-    assert (out.std(0) / S > 1.15).any()  # the failure mode the default avoids
+    assert (out.std(0) / S < 1.1).all(), out.std(0) / S  # measured 1.01–1.05 (before the fix: up to 1.5)
