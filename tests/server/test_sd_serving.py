@@ -1,12 +1,17 @@
-"""Stable Diffusion pipeline folders through the real server (CPU): a standard diffusers folder with no
-metadata of ours, and the same folder as a hub id from a laid-out cache; /generate, jobs and the OpenAI
-route; 16 concurrent mixed requests give the bytes they give one at a time."""
+"""Stable Diffusion pipeline folders through the real server process (`python -m server`, CPU): a standard
+diffusers folder with no metadata of ours, and the same folder as a hub id from a laid-out cache;
+/generate, jobs and the OpenAI route; 16 concurrent mixed requests give the bytes they give one at a time."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +22,51 @@ from PIL import Image
 
 from tests.model.sd_helpers import build_tiny_sd
 from tests.model.test_hub import lay_out_cache
-from tests.server.conftest import LiveServer, start_server
+from tests.server.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.timeout(300)
 
 HUB_ID = "tiny-org/tiny-sd"
-SERVER = {"max_batch_rows": 16, "batch_buckets": [4, 8, 16], "max_image_size": None, "max_images": 4}
+SERVER = {
+    "UNET_SERVER_MAX_BATCH_ROWS": "16", "UNET_SERVER_BATCH_BUCKETS": "4,8,16", "UNET_SERVER_MAX_IMAGES": "4",
+    "UNET_SERVER_DEVICE": "cpu", "UNET_SERVER_LOG_LEVEL": "warning",
+}  # fmt: skip
+
+
+class ServerProcess:
+    """``python -m server`` on a free loopback port (the container's command), stopped with SIGTERM."""
+
+    def __init__(self, weights: Path, models: str, wait: bool = True, **env: str) -> None:
+        self.url = f"http://127.0.0.1:{free_port()}"
+        paths = {"UNET_SERVER_WEIGHTS_DIR": str(weights), "UNET_SERVER_MODELS": models}
+        full_env = {**os.environ, **SERVER, **paths, **env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1]],
+            cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + 180
+        while wait:
+            assert self.proc.poll() is None, self.proc.stderr.read().decode() if self.proc.stderr else ""
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "not ready"
+            time.sleep(0.1)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=240)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +79,7 @@ def sd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def sd(sd_root: Path) -> Any:
-    server = start_server(sd_root, models=["tiny-sd"], text_encoder_loader=None, **SERVER)
+    server = ServerProcess(sd_root, "tiny-sd")
     yield server
     server.stop()
 
@@ -44,7 +88,7 @@ def png(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
 
 
-def test_a_diffusers_folder_is_served_with_its_defaults(sd: LiveServer) -> None:
+def test_a_diffusers_folder_is_served_with_its_defaults(sd: ServerProcess) -> None:
     with sd.client() as c:
         (spec,) = c.get("/v1/models").json()["data"]
         assert spec["id"] == "tiny-sd" and spec["conditioning"]["text"] and spec["sample_size"] == 64
@@ -62,7 +106,7 @@ def test_a_diffusers_folder_is_served_with_its_defaults(sd: LiveServer) -> None:
         assert r.status_code == 422 and "multiple of 8" in r.text
 
 
-def test_long_prompt_is_truncated_and_the_response_says_so(sd: LiveServer) -> None:
+def test_long_prompt_is_truncated_and_the_response_says_so(sd: ServerProcess) -> None:
     with sd.client() as c:
         long = " ".join(["a very red leather bag"] * 30)  # far over 77 tokens
         r = c.post("/generate", json={"prompt": long, "seed": 1, "num_inference_steps": 2})
@@ -95,7 +139,7 @@ for i, body in enumerate(BODIES[8:]):
     body["seed"] += 100 + i
 
 
-def test_concurrent_mixed_requests_match_one_at_a_time(sd: LiveServer) -> None:
+def test_concurrent_mixed_requests_match_one_at_a_time(sd: ServerProcess) -> None:
     assert len(BODIES) == 16
     together = asyncio.run(_send(sd.url, BODIES))
     with sd.client() as c:
@@ -106,7 +150,7 @@ def test_concurrent_mixed_requests_match_one_at_a_time(sd: LiveServer) -> None:
         assert a["images"] == b["images"], f"batched result differs for {body}"
 
 
-def test_jobs_and_the_openai_route(sd: LiveServer) -> None:
+def test_jobs_and_the_openai_route(sd: ServerProcess) -> None:
     with sd.client() as c:
         job = c.post("/v1/jobs", json={"prompt": "a red bag", "seed": 9, "num_inference_steps": 3}).json()
         for _ in range(600):
@@ -122,12 +166,11 @@ def test_jobs_and_the_openai_route(sd: LiveServer) -> None:
         assert r.status_code == 200 and len(r.json()["data"]) == 2
 
 
-def test_a_hub_id_from_a_laid_out_cache(sd_root: Path, tmp_path: Path, monkeypatch: Any) -> None:
+def test_a_hub_id_from_a_laid_out_cache(sd: ServerProcess, sd_root: Path, tmp_path: Path) -> None:
     cache = tmp_path / "hub"
     lay_out_cache(cache, HUB_ID, sd_root / "tiny-sd")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    server = start_server(tmp_path / "empty", models=[HUB_ID], text_encoder_loader=None, **SERVER)
+    (tmp_path / "empty").mkdir()
+    server = ServerProcess(tmp_path / "empty", HUB_ID, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
     try:
         with server.client() as c:
             assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [HUB_ID]
@@ -137,24 +180,22 @@ def test_a_hub_id_from_a_laid_out_cache(sd_root: Path, tmp_path: Path, monkeypat
     finally:
         server.stop()
     # The same weights as the folder: the same image.
-    folder = start_server(sd_root, models=["tiny-sd"], text_encoder_loader=None, **SERVER)
-    try:
-        with folder.client() as c:
-            same = c.post("/generate", json={"prompt": "a red bag", "seed": 3, "num_inference_steps": 4})
-        assert png(same.json()["images"][0]).tobytes() == png(r.json()["images"][0]).tobytes()
-    finally:
-        folder.stop()
+    with sd.client() as c:
+        same = c.post("/generate", json={"prompt": "a red bag", "seed": 3, "num_inference_steps": 4})
+    assert png(same.json()["images"][0]).tobytes() == png(r.json()["images"][0]).tobytes()
 
 
-def test_a_hub_id_missing_offline_fails_readiness_clearly(tmp_path: Path, monkeypatch: Any) -> None:
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    models = ["tiny-org/absent"]
-    server = start_server(tmp_path, wait=False, models=models, text_encoder_loader=None, **SERVER)
+def test_a_hub_id_missing_offline_fails_readiness_clearly(tmp_path: Path) -> None:
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    server = ServerProcess(tmp_path, "tiny-org/absent", wait=False, **env)
     try:
         with server.client() as c:
-            for _ in range(600):
-                r = c.get("/health/ready")
+            for _ in range(1200):
+                try:
+                    r = c.get("/health/ready")
+                except httpx.TransportError:  # not listening yet
+                    time.sleep(0.1)
+                    continue
                 if r.json()["status"] == "failed":
                     break
                 asyncio.run(asyncio.sleep(0.05))
