@@ -63,10 +63,9 @@ def child_main(conn: Any, settings: Settings, text_encoder_loader: Callable[...,
     parent goes away: its end of the pipe closes)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s [engine process] %(name)s: %(message)s",
-    )
+    from server.logconfig import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format, process="engine")
     from server.core import EngineCore
     from server.loading import load_worker
 

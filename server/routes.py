@@ -119,7 +119,7 @@ async def _json_body(request: Request, limit: int) -> Any:
         )  # fmt: skip
     try:
         data = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, over-long integers
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body",), "msg": "body: not valid JSON", "input": None}]
         ) from None

@@ -55,3 +55,10 @@ def test_fuzzed_deep_and_wide_bodies_never_500(client: httpx.Client) -> None:
         assert r.status_code < 500, (body[:300], r.text[:300])
         if json_depth(raw) > MAX_JSON_DEPTH and r.status_code != 413:  # 413: over the body cap, unread
             assert r.status_code == 422 and "levels deep" in r.text
+
+
+def test_an_integer_too_long_to_parse_is_a_422(client: httpx.Client) -> None:
+    """Python refuses to parse integers of more than 4300 digits (a ValueError that is no JSONDecodeError)."""
+    body = '{"seed": ' + "9" * 5000 + "}"
+    r = client.post("/generate", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in r.text
