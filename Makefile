@@ -39,6 +39,7 @@ serve: venv-serve
 
 test: venv
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q -m "not gpu"
 
 test-gpu: venv

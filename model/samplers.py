@@ -32,7 +32,7 @@ import math
 import re
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -223,6 +223,15 @@ def _stack(states: list[SamplerState]) -> Tensor:
     return torch.cat([st.x for st in states])  # (N, C, H, W)
 
 
+T = TypeVar("T")
+
+
+def _held(value: T | None) -> T:
+    """A state field the step kind guarantees is set (DPM++ 2M's previous x0 on a second-order step)."""
+    assert value is not None
+    return value
+
+
 # ---- deterministic (ODE) samplers -------------------------------------------------------------------------
 
 
@@ -323,11 +332,11 @@ class Heun(Sampler):
             q = self._ratio(sigma, sigma_next)  # e^(−h); 0 from flow σ = 1 (h = ∞, φ = 1)
             phi = 1.0 - (1.0 - q) / -math.log(q) if q > 0 else 1.0
             a = self._alpha(sigma_next)
-            first = st.old_denoised
-            st.x = st.x_start * (sigma_next / sigma) + first * (a * (1 - q)) + (denoised - first) * (a * phi)
+            start, first = _held(st.x_start), _held(st.old_denoised)  # stored by the predictor (stage 0)
+            st.x = start * (sigma_next / sigma) + first * (a * (1 - q)) + (denoised - first) * (a * phi)
         else:
             d_next = (st.x - denoised) / sigma_next
-            st.x = st.x_start + (st.d + d_next) * (0.5 * dt)
+            st.x = _held(st.x_start) + (_held(st.d) + d_next) * (0.5 * dt)
         st.x_start = st.d = st.old_denoised = None
         st.stage = 0
         st.i += 1
@@ -357,18 +366,24 @@ class DPMPP2M(Sampler):
         sigma, sigma_next = st.sigmas[st.i], st.sigmas[st.i + 1]
         q = self._ratio(sigma, sigma_next)  # e^(−h)
         h = -math.log(q) if q > 0 else math.inf
-        c = 0.5 * h / st.h_last if self._second_order(st) else None
+        h_last = st.h_last if self._second_order(st) else None
+        c = None if h_last is None else 0.5 * h / h_last
         return sigma_next / sigma, self._alpha(sigma_next) * (1 - q), c, h
 
     def _second_order(self, st: SamplerState) -> bool:
         """A previous x0, a finite previous step, and this step's e^h = 1/q in (1, max_step_ratio]; q = 0 when
         σ' = 0 or α(σ) = 0."""
         q = self._ratio(st.sigmas[st.i], st.sigmas[st.i + 1])
-        return st.old_denoised is not None and math.isfinite(st.h_last) and q * self.max_step_ratio >= 1
+        return (
+            st.old_denoised is not None
+            and st.h_last is not None  # set together with old_denoised
+            and math.isfinite(st.h_last)
+            and q * self.max_step_ratio >= 1
+        )
 
     def step(self, st: SamplerState, denoised: Tensor) -> None:
         a, b, c, h = self._coefficients(st)
-        d = denoised if c is None else denoised + (denoised - st.old_denoised) * c
+        d = denoised if c is None else denoised + (denoised - _held(st.old_denoised)) * c
         st.x = st.x * a + d * b
         st.old_denoised, st.h_last = denoised, h
         st.i += 1
@@ -383,8 +398,8 @@ class DPMPP2M(Sampler):
         b = _per_row([k[1] for k in coefficients], x)
         d = denoised
         if kind == "second order":
-            old = torch.cat([st.old_denoised for st in states])  # (N, C, H, W)
-            d = denoised + (denoised - old) * _per_row([k[2] for k in coefficients], x)
+            old = torch.cat([_held(st.old_denoised) for st in states])  # (N, C, H, W)
+            d = denoised + (denoised - old) * _per_row([_held(k[2]) for k in coefficients], x)
         x = x * a + d * b  # (N, C, H, W), as `step` per row
         for st, k, row, den in zip(states, coefficients, x.split(1), denoised.split(1), strict=True):
             st.x, st.old_denoised, st.h_last = row, den, k[3]
@@ -443,7 +458,12 @@ class DPMPP2MSDE(Sampler):
         h = -math.log(q) if q > 0 else math.inf
         q_eta = q**self.eta  # e^(−ηh)
         d = denoised
-        if st.old_denoised is not None and q * self.max_step_ratio >= 1 and math.isfinite(st.h_last):
+        if (
+            st.old_denoised is not None
+            and q * self.max_step_ratio >= 1
+            and st.h_last is not None  # set together with old_denoised
+            and math.isfinite(st.h_last)
+        ):
             d = denoised + (denoised - st.old_denoised) * (0.5 * h / st.h_last)
         st.old_denoised, st.h_last = denoised, h
         x = st.x * (sigma_next / sigma * q_eta) + d * (self._alpha(sigma_next) * (1 - q * q_eta))
