@@ -23,7 +23,8 @@ child (/proc), GPU memory, queue, running requests and outstanding rows (/metric
 The verdict compares the last third of the samples under load with the first third: RSS flat within
 max(RSS_TOL_MIB, RSS_TOL_PCT) (and GPU memory likewise), median fds and threads within FDS_TOL / THREADS_TOL,
 idle fds after the run equal to idle fds after the warm-up (± IDLE_FDS_TOL), queue, running and outstanding
-rows back to 0, no 5xx, no unexpected outcome. Growth is also given per 1000 requests (least squares).
+rows back to 0, no 5xx, no unexpected outcome. Growth is also given per 1000 requests (least squares, over
+all the load samples and over the last third: a bounded cache filling up shows as growth that stops).
 
 Load generators import no torch (this module's top level stays light: they are spawned from it).
 """
@@ -442,6 +443,7 @@ GAUGES = {
     "running": "unet_server_running_requests",
     "rows": "unet_server_outstanding_rows",
     "gpu_mib": "unet_server_gpu_memory_allocated_bytes",
+    "shed": "unet_server_shed_requests_total",  # a counter: refused at admission (503) as too late
 }
 
 
@@ -550,7 +552,7 @@ def merge_status(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 SAMPLE_COLUMNS = [
     "phase", "t_s", "requests", "req_s", "srv_rss_mib", "srv_fds", "srv_sockets", "srv_threads",
     "eng_rss_mib", "eng_fds", "eng_threads", "gpu_mib", "queue", "running", "rows", "ok", "cancelled",
-    "disconnected", "refused_422", "other_expected", "unexpected", "client_5xx", "server_5xx",
+    "disconnected", "refused_422", "other_expected", "unexpected", "client_5xx", "server_5xx", "shed",
 ]  # fmt: skip
 
 
@@ -587,6 +589,7 @@ class Sampler:
             "srv_threads": srv["threads"], "eng_rss_mib": eng["rss_mib"], "eng_fds": eng["fds"],
             "eng_sockets": eng["sockets"], "eng_threads": eng["threads"],
             "gpu_mib": m["gpu_mib"], "queue": m["queue"], "running": m["running"], "rows": m["rows"],
+            "shed": m["shed"],
             **outcome_groups(status["counts"]), "server_5xx": server_5xx,
             "counts": dict(status["counts"]), "server_status": m["server_status"], "engine_pid": child,
             "full_load": full_load,
@@ -689,9 +692,11 @@ def verdict(samples: list[dict[str, Any]], final: dict[str, Any], extra: dict[st
             tol = FDS_TOL if kind == "fds" else THREADS_TOL
             tol_text = f"|median diff| <= {tol}"
             flat = abs(growth) <= tol
-        per_1000 = slope_per_1000(load, key)
+        # the slope over the last third tells a bounded fill (a cache reaching its size) from a leak
+        per_1000, tail = slope_per_1000(load, key), slope_per_1000(load[-third:], key)
         out.append({"check": label, "first_third": a, "last_third": b, "growth": growth,
-                    "per_1000_req": per_1000, "tolerance": tol_text, "flat": flat})  # fmt: skip
+                    "per_1000_req": per_1000, "per_1000_last_third": tail, "tolerance": tol_text,
+                    "flat": flat})  # fmt: skip
     for key, label in [("srv_fds", "server open fds, idle"), ("eng_fds", "engine open fds, idle")]:
         if idle_warm and idle_warm.get(key) is not None and final.get(key) is not None:
             growth = final[key] - idle_warm[key]
@@ -713,7 +718,10 @@ def verdict(samples: list[dict[str, Any]], final: dict[str, Any], extra: dict[st
 
 
 OUTCOME_COLUMNS = ["kind", "outcome", "count", "expected", "mean_ms", "max_ms"]
-VERDICT_COLUMNS = ["check", "first_third", "last_third", "growth", "per_1000_req", "tolerance", "flat"]
+VERDICT_COLUMNS = [
+    "check", "first_third", "last_third", "growth", "per_1000_req", "per_1000_last_third", "tolerance",
+    "flat",
+]  # fmt: skip
 
 
 def outcome_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
@@ -904,9 +912,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     res = asyncio.run(soak(args, report, info["device"], flags))
     if "samples" in res:
-        report.table(
-            "samples", [{k: r.get(k) for k in SAMPLE_COLUMNS} for r in res["samples"]], SAMPLE_COLUMNS
-        )
+        # the JSON keeps every sample's raw fields (outcome counts, server status counts, full_load)
+        report.table("samples", res["samples"], SAMPLE_COLUMNS)
         report.table("outcomes", outcome_rows(res["status"]), OUTCOME_COLUMNS)
         checks = verdict(res["samples"], res["final"], res)
         report.table("verdict", checks, VERDICT_COLUMNS)
