@@ -407,8 +407,12 @@ class RequestManager:
         """Out of flight (terminal, or handed to PNG encoding); the caller updates the gauges."""
         if self._live.pop(task.id, None) is not None:
             self._rows -= task.request.rows
+            steps = task.request.num_inference_steps
             if task.started is None:  # never ran: all its work leaves with it
-                self._work -= task.request.rows * task.request.num_inference_steps
+                self._work -= task.request.rows * steps
+            elif not task.sampling_done:  # left mid-run (cancelled, failed, expired): its remaining steps
+                done = (time.monotonic() - task.started) / self._period_ewma if self._period_ewma else 0.0
+                self._work = max(0.0, self._work - task.request.rows * max(0.0, steps - done))
             if not self._live:
                 self._work = 0.0  # nothing owed: drop what the estimate drifted by (cancels mid-run)
         self._queued.pop(task.id, None)

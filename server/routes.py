@@ -7,8 +7,9 @@ import base64
 import hmac
 import json
 import re
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -18,6 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from server.catalog import UnavailableModel
 from server.lifecycle import EngineStopped, Overloaded, QueueFull, RequestManager, Task
@@ -40,6 +42,7 @@ from server.schemas import (
 )
 from server.state import ServerState
 
+T = TypeVar("T")
 SSE_KEEPALIVE_SECONDS = 15.0
 # Deepest JSON nesting a body may have. Ours is 2 deep; the limit only keeps Python's recursive JSON parser
 # (and pydantic) from being driven into RecursionError by a few hundred KB of brackets.
@@ -94,6 +97,16 @@ def _body_errors(exc: ValidationError) -> RequestValidationError:
     return RequestValidationError(errors)
 
 
+async def _read(request: Request, body: Awaitable[T]) -> T:
+    """Await reading the request body; a client that hangs up mid-body is a 499 (nobody reads the answer),
+    not a 500."""
+    try:
+        return await body
+    except ClientDisconnect:
+        request.state.status = 499  # the metrics middleware records this
+        raise HTTPException(499, "client disconnected") from None
+
+
 def json_depth(raw: bytes) -> int:
     """The deepest nesting of [ and { in a JSON text (strings skipped), without parsing it: one regex pass
     and a cumulative sum, linear in the body's size."""
@@ -108,7 +121,7 @@ async def _json_body(request: Request, limit: int) -> Any:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise HTTPException(413, f"request body is larger than {limit} bytes")
-    raw = await request.body()
+    raw = await _read(request, request.body())
     if len(raw) > limit:
         raise HTTPException(413, f"request body is larger than {limit} bytes")
     depth = json_depth(raw)
@@ -136,7 +149,9 @@ async def _generate_body(request: Request, state: ServerState) -> tuple[Generate
     limit = s.max_control_image_bytes
     control_bytes = None
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=32, max_part_size=2 * limit + _JSON_OVERHEAD)
+        form = await _read(
+            request, request.form(max_files=1, max_fields=32, max_part_size=2 * limit + _JSON_OVERHEAD)
+        )
         try:
             data: dict[str, Any] = {}
             for key, value in form.multi_items():

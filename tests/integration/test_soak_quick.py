@@ -87,11 +87,6 @@ def test_writes_json_and_markdown_with_device(run: tuple[dict[str, Any], Path]) 
     assert any(n.startswith("VERDICT: ") for n in doc["notes"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a client that closes mid-body gets ClientDisconnect out of server/routes.py _json_body: "
-    "counted as 500 in unet_server_requests_total and logged as two tracebacks (found by bench/soak.py)",
-)
 def test_no_server_5xx(run: tuple[dict[str, Any], Path]) -> None:
     res, _ = run
     assert res["final"]["server_5xx"] == 0, res["final"]["server_status"]

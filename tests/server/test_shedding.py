@@ -77,3 +77,25 @@ def test_a_request_slower_than_its_deadline_alone_is_shed() -> None:
         manager.submit(req(steps=30), "generate", timeout=2.0)  # 1.5 s: within 0.8 x 2 s
 
     asyncio.run(body())
+
+
+def test_a_request_leaving_mid_run_takes_its_remaining_work_with_it() -> None:
+    """Cancelled after about half its steps: the estimate forgets the half it will never run (the soak
+    benchmark found the estimate growing with every mid-run cancel until the server shed in waves)."""
+    import time
+
+    from server.messages import Started
+
+    async def body() -> None:
+        manager = RequestManager(FakeClient(), Metrics(), max_queue_size=100, max_rows=4)  # type: ignore[arg-type]
+        manager.start(asyncio.get_running_loop())
+        manager.on_outputs(steps(1, 4))  # 0.1 s per step, 40 row-steps/s
+        manager.submit(req(), "jobs", timeout=60.0, is_job=True)  # stays in flight: 20 row-steps
+        a = manager.submit(req(), "jobs", timeout=60.0, is_job=True)  # 20 more
+        half_way = time.monotonic() - 0.5  # ~5 of its 10 steps run at 0.1 s each
+        manager.on_outputs(EngineOutputs(events=[Started(a.id, half_way)]))
+        assert manager.estimated_seconds(req()) == pytest.approx(60 / 40)
+        assert manager.cancel(a.id)
+        assert manager.estimated_seconds(req()) == pytest.approx(50 / 40, abs=0.01)  # its other 5 steps left
+
+    asyncio.run(body())
