@@ -83,7 +83,7 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     """The real server process on CPU with the shipped models, requiring a fresh API key."""
     missing = missing_shipped_models()
@@ -115,7 +115,9 @@ def server() -> Iterator[Server]:
             process.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: sync_playwright runs an event loop in this thread while it lives, and later
+# tests call asyncio.run (which refuses to run inside a running loop).
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     executable = _chromium()
     if executable is None:
