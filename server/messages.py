@@ -162,4 +162,3 @@ class LoadFailed:
 
 
 ToCore = AddRequest | CancelRequest | Shutdown
-FromCore = EngineOutputs | Stopped | Ready | LoadFailed

@@ -156,12 +156,18 @@ class Worker:
             key += (id(p.controlnet),)
         return key
 
-    def _encode(self, pipeline: Pipeline, prompts: list[str]) -> list[tuple[torch.Tensor, bool]]:
-        """(context rows (L, D), truncated) per prompt, from the cache or one batched encoder call."""
+    def _encode(
+        self, pipeline: Pipeline, prompts: list[str], count_hits: bool = True
+    ) -> list[tuple[torch.Tensor, bool]]:
+        """(context rows (L, D), truncated) per prompt, from the cache or one batched encoder call.
+
+        ``count_hits=False``: a second lookup of prompts already counted (``prepare`` after
+        ``encode_prompts``); only prompts it has to encode itself count, as misses."""
         enc = pipeline.text_encoder
         missing = sorted({p for p in prompts if (id(enc), p) not in self._prompt_cache})
         self.prompt_cache_misses += len(missing)
-        self.prompt_cache_hits += len(prompts) - len(missing)
+        if count_hits:
+            self.prompt_cache_hits += len(prompts) - len(missing)
         if missing:
             if hasattr(enc, "encode_with_info"):  # CLIP: also says which prompts were cut at 77 tokens
                 info = enc.encode_with_info(missing)
@@ -220,7 +226,7 @@ class Worker:
             labels = [label] * n + ([null] * n if req.guided else [])
             class_labels = self._to_device(torch.tensor(labels, dtype=torch.long))  # (rows,)
         else:
-            encoded = self._encode(p, self._prompts(req))
+            encoded = self._encode(p, self._prompts(req), count_hits=False)  # counted by encode_prompts
             context = torch.cat([row.expand(n, *row.shape) for row, _ in encoded])  # (rows, L, D)
             limit = getattr(p.text_encoder, "max_length", None)
             for (_, cut), field in zip(encoded, ("prompt", "negative_prompt"), strict=False):

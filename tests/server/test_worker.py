@@ -92,3 +92,20 @@ def test_batched_equals_alone_bytewise(pipelines: dict[str, Any]) -> None:
         together = run(worker, reqs)
         for r, img in zip(reqs, together, strict=True):
             assert np.array_equal(run(worker, [r])[0], img), r
+
+
+def test_prompt_cache_counts_each_lookup_once(pipelines: dict[str, Any]) -> None:
+    """Prompts encoded in a batch at admission and looked up again by ``prepare`` count once each: a miss
+    when encoded, a hit when already cached (not a miss and then a hit for the same lookup)."""
+    worker = Worker(pipelines, BUCKETS)
+    reqs = [
+        request("tiny-text", "flow_euler", 2, 1, prompt="a red bag", guidance_scale=2.0, guided=True),
+        request("tiny-text", "flow_euler", 2, 2, prompt="a red bag"),
+    ]  # three lookups: "a red bag", "" (negative), "a red bag"
+    worker.encode_prompts(reqs)
+    for r in reqs:
+        worker.prepare(r)
+    assert (worker.prompt_cache_misses, worker.prompt_cache_hits) == (2, 1)
+    worker.encode_prompts(reqs[1:])
+    worker.prepare(reqs[1])
+    assert (worker.prompt_cache_misses, worker.prompt_cache_hits) == (2, 2)
