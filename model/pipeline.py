@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from model.controlnet import ControlNet
     from model.denoiser import Denoiser
     from model.schedules import Schedule
+    from model.sd_controlnet import MultiControlNet
     from model.unet import UNet
     from model.vae import AutoencoderKL
 
@@ -96,11 +97,11 @@ class Pipeline:
     defaults: Defaults
     image_channels: int  # channels of the output image (3 for SD)
     sample_size: int  # native image size in pixels (SD 1.5: 64 latent x 8 = 512)
-    controlnet: ControlNet | None = None
+    controlnet: ControlNet | MultiControlNet | None = None  # MultiControlNet: an SD model's ControlNets
     text_encoder: Any = None  # TextEncoder (shared MiniLM) or model.clip_text.CLIPTextEncoder (per folder)
     class_names: list[str] | None = None
     null_class_label: int | None = None
-    control: dict[str, Any] | None = None  # {"type": "edges", "channels": 1}
+    control: dict[str, Any] | None = None  # {"type": "edges", "channels": 1}; SD: + "controlnets": [names]
     base_model: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     vae: AutoencoderKL | None = None  # for latent models, None for pixel models
@@ -292,13 +293,17 @@ def _load_diffusers(
     dtype: torch.dtype,
     vae_dtype: torch.dtype | None,
     variant: str | None,
+    weights_root: Path | None = None,
 ) -> Pipeline:
-    """A Stable Diffusion pipeline folder (already checked by read_metadata) -> Pipeline."""
+    """A Stable Diffusion pipeline folder (already checked by read_metadata) -> Pipeline; ``weights_root``
+    holds the ControlNet folders its unet_server.json names (default: ``root``)."""
+    weights_root = weights_root or root
     from model.clip_text import CLIPTextEncoder
     from model.config import VAEConfig
     from model.denoiser import Denoiser
     from model.loading import load_unet, load_vae
     from model.schedules import Schedule
+    from model.sd_controlnet import load_paired_controlnets, paired_controlnets
 
     pf: PipelineFolder = read_pipeline_folder(folder, variant)
     _check_confined(pf, root)
@@ -331,13 +336,22 @@ def _load_diffusers(
         )
     schedule = Schedule.from_config(pf.scheduler_config)
     sample_size = int(meta.get("sample_size") or pf.native_size)
+    # ControlNets: its own controlnet/ and those its unet_server.json names (model.sd_controlnet)
+    index = {k: list(v) for k, v in pf.components.items()}
+    cn_paths = paired_controlnets(weights_root, folder, root, meta, index)
+    controlnets = load_paired_controlnets(unet, cn_paths, device, dtype, pf.variants.get("controlnet"))
+    control = None
+    if controlnets is not None:
+        control = {"type": "controlnet", "channels": max(controlnets.channels), "controlnets": list(cn_paths)}
     return Pipeline(
         name=name,
         path=folder,
         kind="text",
         unet=unet,
         schedule=schedule,
-        denoiser=Denoiser(unet, schedule),
+        denoiser=Denoiser(unet, schedule, controlnet=controlnets),
+        controlnet=controlnets,
+        control=control,
         defaults=_defaults(meta, sample_size),
         image_channels=vae_cfg.out_channels,
         sample_size=sample_size,
@@ -427,7 +441,7 @@ def load_pipelines(
         meta = metas[n]
         folder, froot = folders[n]
         if meta.get("pipeline_class"):
-            pipe = _load_diffusers(n, folder, froot, meta, device, dtype, vae_dtype, variant)
+            pipe = _load_diffusers(n, folder, froot, meta, device, dtype, vae_dtype, variant, root)
             loaded[n] = pipe
             log.info("loaded model %s (%s from %s)", n, pipe.pipeline_class, folder)
             return pipe

@@ -38,8 +38,18 @@ SERVED_PIPELINES: dict[str, dict[str, tuple[str, ...]]] = {
         "scheduler": (),  # any scheduler class: only its training schedule is used
     },
 }
+# SD with its own ControlNet(s) in controlnet/ (model.sd_controlnet.paired_controlnets reads them)
+SERVED_PIPELINES["StableDiffusionControlNetPipeline"] = {
+    **SERVED_PIPELINES["StableDiffusionPipeline"],
+    "controlnet": ("ControlNetModel", "MultiControlNetModel"),
+}
 IGNORED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
-_WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+_WEIGHT_STEMS = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "controlnet": "diffusion_pytorch_model",
+}
 
 # Stable Diffusion's usual settings (the issue's SD defaults; diffusers' own call default is 50 steps).
 SD_STEPS = 25

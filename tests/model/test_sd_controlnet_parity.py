@@ -1,0 +1,285 @@
+"""SD ControlNets against diffusers (CPU fp32, tiny random pipelines written by diffusers itself).
+
+- ControlNetModel alone with SD's layout (3-channel control image at pixel resolution, an embedder that
+  downsamples by 8): residuals within 1e-5.
+- StableDiffusionControlNetPipeline with one ControlNet and with a MultiControlNetModel of two: final images
+  within 1e-4 (same folder, prompts, control images, scales, guidance start/end and initial latents), through
+  model.pipeline.load_pipelines, MultiControlNet, pack_controls and our sampler loop.
+- Pairing: a ControlNet folder named in a base model's unet_server.json; paths leaving the weights
+  directory, and a ControlNet that does not fit the U-Net, are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from model import load_controlnet  # noqa: E402
+from model.denoiser import cfg_combine  # noqa: E402
+from model.pipeline import Pipeline, PipelineError, load_pipelines  # noqa: E402
+from model.samplers import get_sampler  # noqa: E402
+from model.sd_controlnet import ControlInput, MultiControlNet, guidance_keep, pack_controls  # noqa: E402
+from tests.model.helpers import perturb, rel_err  # noqa: E402
+from tests.model.sd_helpers import build_tiny_sd  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/model/conftest.py
+
+TOL_IMAGE = 1e-4
+TOL_NET = 1e-5
+PROMPT = "a photo of an astronaut riding a horse on mars"
+EMBED = (4, 8, 8, 16)  # conditioning_embedding_out_channels: 3 stride-2 convs, pixel -> latent (factor 8)
+SIZE = 64  # pixels (latent 8 x 8)
+
+# our sampler -> (diffusers scheduler class, config overrides, steps); see test_sd_pipeline_parity.py
+SAMPLERS = {
+    "euler": ("EulerDiscreteScheduler", {}, 8),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}, 10),
+}
+
+
+def _controlnet(unet, seed: int, order: str = "rgb"):
+    torch.manual_seed(seed)
+    cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBED)
+    if order == "bgr":
+        cn.register_to_config(controlnet_conditioning_channel_order="bgr")
+    return perturb(cn, seed=seed)  # zero convs perturbed: the residuals matter
+
+
+def _control_image(seed: int) -> Image.Image:
+    """An edge-map-like RGB picture (uint8), the kind of image a ControlNet request carries."""
+    g = np.random.default_rng(seed)
+    a = (g.random((SIZE, SIZE, 3)) > 0.7).astype(np.uint8) * 255
+    a[:, :, 1] = g.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)
+    return Image.fromarray(a, mode="RGB")
+
+
+def _as_cond(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """weights/: tiny-sd (plain), tiny-sd-cn (one ControlNet), tiny-sd-multi (MultiControlNetModel of two),
+    cn-a (a standalone ControlNet folder named by tiny-sd's unet_server.json)."""
+    root = tmp_path_factory.mktemp("weights")
+    build_tiny_sd(root / "tiny-sd")
+    base = diffusers.StableDiffusionPipeline.from_pretrained(root / "tiny-sd")
+    cn_a, cn_b = _controlnet(base.unet, 11), _controlnet(base.unet, 12, order="bgr")
+    parts = {k: v for k, v in base.components.items() if k not in ("safety_checker", "feature_extractor")}
+    for name, cn in [("tiny-sd-cn", cn_a), ("tiny-sd-multi", diffusers.MultiControlNetModel([cn_a, cn_b]))]:
+        pipe = diffusers.StableDiffusionControlNetPipeline(
+            **parts, controlnet=cn, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+        pipe.save_pretrained(root / name, safe_serialization=True)
+        shutil.rmtree(root / name / "tokenizer")
+        shutil.copytree(root / "tiny-sd" / "tokenizer", root / name / "tokenizer")  # vocab.json + merges
+    cn_a.save_pretrained(root / "cn-a", safe_serialization=True)
+    (root / "tiny-sd" / "unet_server.json").write_text(json.dumps({"controlnets": ["cn-a"]}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ours(weights) -> dict[str, Pipeline]:
+    return load_pipelines(weights, ["tiny-sd", "tiny-sd-cn", "tiny-sd-multi"])
+
+
+def test_controlnet_alone_matches_diffusers(weights, tmp_path) -> None:
+    """ControlNetModel with SD's control path (3-channel image at 8x the latent) in both channel orders."""
+    for name in ("controlnet", "controlnet_1"):  # rgb, bgr
+        ref = diffusers.ControlNetModel.from_pretrained(weights / "tiny-sd-multi" / name).eval()
+        cn = load_controlnet(weights / "tiny-sd-multi" / name)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(3, 4, 8, 8, generator=g)
+        t = torch.tensor([1.0, 400.5, 999.0])
+        ctx = torch.randn(3, 77, 32, generator=g)
+        cond = torch.rand(3, 3, SIZE, SIZE, generator=g)
+        scale = torch.tensor([0.0, 0.6, 1.3])
+        with torch.no_grad():
+            down, mid = ref(x, t, ctx, cond, conditioning_scale=0.6, return_dict=False)
+            res = cn(x, t, cond, context=ctx, scale=scale)
+        assert len(res.down) == len(down) and res.mid.abs().max() > 0
+        for a, b in zip(res.down, down, strict=True):
+            assert rel_err(a[1:2], b[1:2]) <= TOL_NET  # row 1 at 0.6 as diffusers
+            assert torch.equal(a[0], torch.zeros_like(a[0]))  # scale 0: exactly zero
+            assert rel_err(a[2:], b[2:] * (1.3 / 0.6)) <= TOL_NET
+        assert rel_err(res.mid[1:2], mid[1:2]) <= TOL_NET
+
+
+def _run_ours(
+    p: Pipeline,
+    sampler_name: str,
+    steps: int,
+    latents: torch.Tensor,
+    controls: list[ControlInput],
+    guidance: float = 7.5,
+) -> np.ndarray:
+    context = torch.cat([p.text_encoder.encode([PROMPT]), p.text_encoder.encode([""])])  # (2, 77, D)
+    sampler = get_sampler(sampler_name, p.schedule.kind)
+    state = sampler.init(latents, sampler.make_sigmas(p.schedule, steps))
+    multi = p.controlnet
+    assert isinstance(multi, MultiControlNet)
+    denoiser = multi.denoiser_for(p.denoiser, [c.name for c in controls])
+    sub = denoiser.controlnet
+    with torch.no_grad():
+        while not sampler.done(state):
+            x, sigma = sampler.next_input(state)
+            rows = [(controls, state.i, steps)] * 2  # the cond row and the uncond row
+            cond, scale = pack_controls(sub, rows, (SIZE, SIZE))  # (2, ΣC, H, W), (2, K)
+            sig = torch.as_tensor([float(sigma)] * 2, dtype=torch.float64)
+            x0 = denoiser(torch.cat([x, x]), sig, context=context, control_cond=cond, control_scale=scale)
+            sampler.advance(state, cfg_combine(x0[:1], x0[1:], guidance))
+        images = p.vae.decode(sampler.result(state))  # (1, 3, 64, 64) in [-1, 1]
+    return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def _run_theirs(
+    folder: Path,
+    sampler_name: str,
+    steps: int,
+    latents: torch.Tensor,
+    images,
+    scales,
+    starts,
+    ends,
+    guidance: float = 7.5,
+) -> np.ndarray:
+    pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False
+    )
+    cls_name, overrides, _ = SAMPLERS[sampler_name]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+    single = len(images) == 1
+    out = pipe(
+        PROMPT,
+        image=images[0] if single else images,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=latents.clone(),
+        controlnet_conditioning_scale=scales[0] if single else scales,
+        control_guidance_start=starts[0] if single else starts,
+        control_guidance_end=ends[0] if single else ends,
+        output_type="np",
+    )
+    return out.images
+
+
+def _check(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape == (1, SIZE, SIZE, 3)
+    assert ((want > 0.001) & (want < 0.999)).mean() > 0.5 and want.std() > 0.02  # not clamped flat
+    assert np.abs(got - want).max() <= TOL_IMAGE
+
+
+@pytest.mark.parametrize(
+    ("sampler_name", "start", "end"),
+    [("euler", 0.0, 1.0), ("dpmpp_2m", 0.2, 0.7)],
+    ids=["euler", "dpm-window"],
+)
+def test_one_controlnet_matches_diffusers(weights, ours, sampler_name, start, end) -> None:
+    p = ours["tiny-sd-cn"]
+    assert p.control and p.control["controlnets"] == ["controlnet"]
+    steps = SAMPLERS[sampler_name][2]
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(42))
+    img = _control_image(1)
+    controls = [ControlInput("controlnet", _as_cond(img), 0.8, start, end)]
+    got = _run_ours(p, sampler_name, steps, latents, controls)
+    want = _run_theirs(weights / "tiny-sd-cn", sampler_name, steps, latents, [img], [0.8], [start], [end])
+    _check(got, want)
+    # the control mattered: scale 0 gives another image
+    off = _run_ours(p, sampler_name, steps, latents, [ControlInput("controlnet", _as_cond(img), 0.0)])
+    assert np.abs(off - got).max() > 1e-2
+
+
+def test_two_controlnets_match_diffusers_multicontrolnet(weights, ours) -> None:
+    p = ours["tiny-sd-multi"]
+    assert p.control and p.control["controlnets"] == ["controlnet", "controlnet_1"]
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    imgs = [_control_image(2), _control_image(3)]
+    scales, starts, ends = [0.9, 0.6], [0.0, 0.25], [0.75, 1.0]
+    controls = [
+        ControlInput(n, _as_cond(i), s, a, b)
+        for n, i, s, a, b in zip(["controlnet", "controlnet_1"], imgs, scales, starts, ends, strict=True)
+    ]
+    got = _run_ours(p, "euler", 8, latents, controls)
+    want = _run_theirs(weights / "tiny-sd-multi", "euler", 8, latents, imgs, scales, starts, ends)
+    _check(got, want)
+    one = _run_ours(p, "euler", 8, latents, controls[:1])  # the second net mattered
+    assert np.abs(one - got).max() > 1e-2
+
+
+def test_guidance_keep_is_diffusers_rule() -> None:
+    steps = 10
+    for start, end in [(0.0, 1.0), (0.2, 0.7), (0.35, 0.36), (0.5, 0.5)]:
+        want = [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
+        assert [float(guidance_keep(i, steps, start, end)) for i in range(steps)] == want
+
+
+def test_rows_without_control_get_zero_residuals_and_unchanged_output(ours) -> None:
+    """In one packed batch a row without control gives bitwise its output without any ControlNet."""
+    p = ours["tiny-sd-multi"]
+    multi = p.controlnet
+    assert isinstance(multi, MultiControlNet)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 4, 8, 8, generator=g)
+    sigma = torch.tensor([14.0, 3.0, 0.5, 3.0], dtype=torch.float64)
+    ctx = torch.randn(4, 77, 32, generator=g)
+    c = [
+        ControlInput("controlnet", torch.rand(1, 3, SIZE, SIZE, generator=g), 1.0),
+        ControlInput("controlnet_1", torch.rand(1, 3, SIZE, SIZE, generator=g), 0.5),
+    ]
+    rows = [(c, 0, 4), ([], 0, 4), (c[1:], 1, 4), (c[:1], 3, 4)]
+    cond, scale = pack_controls(multi, rows, (SIZE, SIZE))
+    assert scale.tolist() == [[1.0, 0.5], [0.0, 0.0], [0.0, 0.5], [1.0, 0.0]]
+    with torch.no_grad():
+        res = multi(x, p.denoiser.timesteps(sigma), cond, context=ctx, scale=scale)
+        assert all(torch.equal(d[1], torch.zeros_like(d[1])) for d in res.down) and not res.mid[1].any()
+        both = p.denoiser(x, sigma, context=ctx, control_cond=cond, control_scale=scale)
+        plain = p.denoiser(x, sigma, context=ctx)
+    assert torch.equal(both[1], plain[1])
+    assert (both[[0, 2, 3]] - plain[[0, 2, 3]]).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+
+
+def test_controlnet_named_in_unet_server_json(weights, ours) -> None:
+    """tiny-sd pairs with cn-a (a plain ControlNetModel folder); the same weights as tiny-sd-cn's own."""
+    p = ours["tiny-sd"]
+    assert p.control and p.control["controlnets"] == ["cn-a"] and p.control["channels"] == 3
+    own = ours["tiny-sd-cn"].controlnet
+    assert isinstance(p.controlnet, MultiControlNet) and isinstance(own, MultiControlNet)
+    a, b = p.controlnet.net("cn-a").state_dict(), own.net("controlnet").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pairing_is_confined_and_checked(weights, tmp_path) -> None:
+    root = tmp_path / "w"
+    root.mkdir()
+    shutil.copytree(weights / "tiny-sd", root / "sd")
+    outside = tmp_path / "outside-cn"
+    shutil.copytree(weights / "cn-a", outside)
+    (root / "escape").symlink_to(outside)
+    (root / "sd" / "unet_server.json").write_text(json.dumps({"controlnets": ["escape"]}))
+    with pytest.raises(PipelineError, match="outside the weights directory"):
+        load_pipelines(root, ["sd"])
+    (root / "sd" / "unet_server.json").write_text(json.dumps({"controlnets": ["../outside-cn"]}))
+    with pytest.raises(PipelineError, match="not a folder name"):
+        load_pipelines(root, ["sd"])
+    # a ControlNet made for another U-Net (other widths) is refused, naming the field
+    torch.manual_seed(0)
+    other = diffusers.ControlNetModel(
+        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        layers_per_block=1, norm_num_groups=4, attention_head_dim=2, cross_attention_dim=32,
+        conditioning_embedding_out_channels=EMBED,
+    )  # fmt: skip
+    other.save_pretrained(root / "other", safe_serialization=True)
+    (root / "sd" / "unet_server.json").write_text(json.dumps({"controlnets": ["other"]}))
+    with pytest.raises(PipelineError, match="block_out_channels"):
+        load_pipelines(root, ["sd"])
