@@ -363,7 +363,11 @@ class GraphedDenoiser(GraphedCallable):
         context: torch.Tensor | None = None,
         control_cond: torch.Tensor | None = None,
         control_scale: torch.Tensor | None = None,
+        x_concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        extra: dict[str, Any] = {}
+        if x_concat is not None:
+            extra["x_concat"] = x_concat  # inpainting U-Nets only
         return self.denoiser(
             x,
             sigma,
@@ -371,6 +375,7 @@ class GraphedDenoiser(GraphedCallable):
             context=context,
             control_cond=control_cond,
             control_scale=control_scale,
+            **extra,
         )
 
     @staticmethod
@@ -409,8 +414,10 @@ class GraphedDenoiser(GraphedCallable):
         control_cond: torch.Tensor | None = None,
         control_scale: torch.Tensor | float | None = None,
         control_mask: torch.Tensor | None = None,
+        x_concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, C, H, W), sigma (B,) -> x0 (B, C, H, W) fp32, B <= the largest bucket."""
+        """x (B, C, H, W), sigma (B,) -> x0 (B, C, H, W) fp32, B <= the largest bucket. x_concat
+        (B, C', H, W): an inpainting U-Net's extra input channels (see Denoiser)."""
         sigma, control_scale = self._canonical(x, sigma, control_cond, control_scale, control_mask)
         return super().__call__(
             x=x,
@@ -419,6 +426,7 @@ class GraphedDenoiser(GraphedCallable):
             context=context,
             control_cond=control_cond,
             control_scale=control_scale,
+            x_concat=x_concat,
         )
 
     # The call's named inputs instead of GraphedCallable's **example: a deliberate narrowing.
@@ -433,6 +441,7 @@ class GraphedDenoiser(GraphedCallable):
         control_cond: torch.Tensor | None = None,
         control_scale: torch.Tensor | float | None = None,
         control_mask: torch.Tensor | None = None,
+        x_concat: torch.Tensor | None = None,
     ) -> None:
         """Capture every bucket for this input structure (x fp32 and sigma float64 fix the buffer dtypes)."""
         sigma, control_scale = self._canonical(x, sigma, control_cond, control_scale, control_mask)
@@ -444,4 +453,5 @@ class GraphedDenoiser(GraphedCallable):
             context=context,
             control_cond=control_cond,
             control_scale=control_scale,
+            x_concat=x_concat,
         )

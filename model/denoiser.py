@@ -53,6 +53,7 @@ class Denoiser:
         control_cond: Tensor | None = None,
         control_scale: Tensor | float | None = None,
         control_mask: Tensor | None = None,
+        x_concat: Tensor | None = None,
     ) -> Tensor:
         """x0 estimate (fp32) for x (B, C, H, W) at noise levels sigma (B,).
 
@@ -61,6 +62,8 @@ class Denoiser:
         (0 for rows without a control map gives them zero residuals without any host sync). control_mask (B,)
         bool, if given, runs the ControlNet only on those rows and leaves zero residuals elsewhere (the
         boolean indexing syncs with the host once).
+        x_concat (B, C', H, W): extra U-Net input channels appended after the input scaling (inpainting
+        U-Nets: mask + masked-image latent, as diffusers' inpainting pipelines); the ControlNet sees x only.
         """
         x = x.float()
         if not torch.is_tensor(sigma):
@@ -86,6 +89,8 @@ class Denoiser:
         control = None
         if control_cond is not None:
             control = self._control(x_in, t, control_cond, context, class_labels, control_scale, control_mask)
+        if x_concat is not None:
+            x_in = torch.cat([x_in, x_concat.to(device=x_in.device, dtype=dtype)], dim=1)  # (B, C + C', H, W)
         out = self.unet(x_in, t, class_labels=class_labels, context=context, control=control)
         out = out.float()
         return self._to_x0(out, x, s)

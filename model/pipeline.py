@@ -323,10 +323,12 @@ def _load_diffusers(
         variant=pf.variants["text_encoder"],
         clip_skip=meta.get("clip_skip"),
     )
-    if unet.config.in_channels != vae_cfg.latent_channels:
+    # latent channels, or an inpainting U-Net's 2 * latent + 1 (latent, mask, masked-image latent)
+    if unet.config.in_channels not in (vae_cfg.latent_channels, 2 * vae_cfg.latent_channels + 1):
         raise PipelineError(
             f"{name}: unet in_channels={unet.config.in_channels} but the VAE has latent_channels="
-            f"{vae_cfg.latent_channels} (an inpainting U-Net? {', '.join(SERVED_PIPELINES)} is text-to-image)"
+            f"{vae_cfg.latent_channels} (expected {vae_cfg.latent_channels}, or "
+            f"{2 * vae_cfg.latent_channels + 1} for an inpainting U-Net)"
         )
     cross = unet.config.cross_attention_dim
     if isinstance(cross, int) and cross != text_encoder.hidden_size:

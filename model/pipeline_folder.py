@@ -43,6 +43,10 @@ SERVED_PIPELINES["StableDiffusionControlNetPipeline"] = {
     **SERVED_PIPELINES["StableDiffusionPipeline"],
     "controlnet": ("ControlNetModel", "MultiControlNetModel"),
 }
+# SD inpainting folders (usually a 9-channel U-Net: latent + mask + masked-image latent, model.img2img) and SD
+# image-to-image folders: the same components; every SD folder serves txt2img, img2img and inpainting rows.
+SERVED_PIPELINES["StableDiffusionInpaintPipeline"] = dict(SERVED_PIPELINES["StableDiffusionPipeline"])
+SERVED_PIPELINES["StableDiffusionImg2ImgPipeline"] = dict(SERVED_PIPELINES["StableDiffusionPipeline"])
 IGNORED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 _WEIGHT_STEMS = {
     "unet": "diffusion_pytorch_model",

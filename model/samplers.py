@@ -124,6 +124,25 @@ class Sampler:
         The noise is scaled to the first σ: ×sqrt(1 + σ0²) for VP (reproduces diffusers' x_T = noise), ×1 for
         flow. Stochastic samplers draw from `generator`; None gives them a fresh RequestNoise (random seed).
         """
+        grid = self._grid(sigmas)
+        assert self.model_kind is not None  # checked by _grid
+        return self.init_at(noise.float() * initial_noise_scale(self.model_kind, grid[0]), grid, generator)
+
+    def init_at(
+        self,
+        x: Tensor,
+        sigmas: Tensor | Sequence[float],
+        generator: RequestNoise | torch.Generator | None = None,
+    ) -> SamplerState:
+        """Start a request from a sample already at the grid's first σ (sampler space): image-to-image's
+        x = α(σ0)·x0 + σ0·ε on a grid cut at the strength's σ (model.img2img)."""
+        grid = self._grid(sigmas)
+        if self.kind == "sde" and generator is None:
+            generator = RequestNoise()
+        return SamplerState(x=x.float(), sigmas=grid, generator=generator)
+
+    def _grid(self, sigmas: Tensor | Sequence[float]) -> list[float]:
+        """The grid as floats, checked (bound model kind, decreasing, flow within [0, 1])."""
         if self.model_kind is None:
             raise ValueError(
                 f"sampler {self.name!r} supports {' and '.join(self.model_kinds)} models: "
@@ -136,10 +155,7 @@ class Sampler:
             raise ValueError("sigmas must be strictly decreasing and non-negative")
         if self.model_kind == "flow" and grid[0] > 1.0:
             raise ValueError(f"flow grids live in [0, 1], got sigma {grid[0]}")
-        if self.kind == "sde" and generator is None:
-            generator = RequestNoise()
-        x = noise.float() * initial_noise_scale(self.model_kind, grid[0])
-        return SamplerState(x=x, sigmas=grid, generator=generator)
+        return grid
 
     def next_input(self, state: SamplerState) -> tuple[Tensor, float]:
         """(x, σ) for the next denoiser evaluation of this request."""

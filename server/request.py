@@ -47,6 +47,13 @@ class ResolvedRequest:
     width: int
     height: int
     guided: bool  # whether rows carry an unconditional half (model.denoiser.needs_guidance)
+    # Image-to-image and inpainting (model.img2img): the init image at (height, width), float32 numpy
+    # (C, H, W) in [-1, 1]; the mask float32 (H, W) in {0, 1}, 1 = repaint; strength in (0, 1].
+    image: Any = None
+    mask: Any = None
+    strength: float = 1.0
+    inpaint_mode: str | None = None  # "inpainting_unet" | "latent_blend" for inpainting requests
+    notes: tuple[str, ...] = ()  # what validation changed (an image resized), returned as warnings
 
     @property
     def seeds(self) -> list[int]:

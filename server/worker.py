@@ -30,6 +30,7 @@ import torch
 
 from model.cuda_graphs import GraphedDenoiser
 from model.denoiser import cfg_combine, clamp_x0
+from model.img2img import blend, image_start, inpainting_channels, latent_mask, strength_start
 from model.noise import RequestNoise
 from model.pipeline import Pipeline
 from server.request import ResolvedRequest, rows_for
@@ -68,6 +69,9 @@ class RequestState:
     preview_every: int = 0  # keep the last x0 estimate for previews (the core asks every k evaluations)
     last_x0: torch.Tensor | None = None  # (n, C, H, W) of the last step, when preview_every > 0
     warnings: list[str] = field(default_factory=list)  # for the response (e.g. a truncated prompt)
+    x_concat: torch.Tensor | None = None  # (rows, 1 + C, h, w): inpainting U-Net mask + masked latent
+    known: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # blend mode: per image (x0, ε) (1, C, h, w)
+    blend_mask: torch.Tensor | None = None  # (1, 1, h, w), 1 = repaint (blend mode)
 
     @property
     def rows(self) -> int:
@@ -212,12 +216,16 @@ class Worker:
         sigmas = sampler.make_sigmas(p.schedule, req.num_inference_steps)
         shape = (1, *p.latent_shape(req.height, req.width))  # (1, C, h, w): pixels, or VAE latents
         states = []
-        for seed in req.seeds:
-            noise = RequestNoise(seed)
-            states.append(sampler.init(noise.initial(shape, dev), sigmas, generator=noise))
+        x_concat = known = blend_mask = None
+        if req.image is None:
+            for seed in req.seeds:
+                noise = RequestNoise(seed)
+                states.append(sampler.init(noise.initial(shape, dev), sigmas, generator=noise))
+        else:
+            states, x_concat, known, blend_mask = self._image_states(p, req, sampler, sigmas)
 
         class_labels = context = control = None
-        warnings: list[str] = []
+        warnings: list[str] = list(getattr(req, "notes", ()))
         if p.kind == "class":
             null = p.null_class_label
             label = req.class_label if req.class_label is not None else null
@@ -248,7 +256,44 @@ class Worker:
             control_scale=req.control_scale,
             preview_every=preview_every,
             warnings=warnings,
+            x_concat=x_concat,
+            known=known,
+            blend_mask=blend_mask,
         )
+
+    def _image_states(
+        self, p: Pipeline, req: ResolvedRequest, sampler: Sampler, sigmas: torch.Tensor
+    ) -> tuple[list[SamplerState], torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor]] | None,
+               torch.Tensor | None]:
+        """Image-to-image / inpainting starts (model.img2img): per image its sampler state on the grid cut
+        at the strength's σ; the inpainting U-Net's extra input rows (rows, 1 + C, h, w), or blend mode's
+        known latents per image and mask (1, 1, h, w)."""
+        grid = sigmas[strength_start(req.num_inference_steps, req.strength) :].tolist()
+        image = self._to_device(torch.from_numpy(np.ascontiguousarray(req.image)))[None]  # (1, C, H, W)
+        mask = None
+        if req.mask is not None:
+            mask = self._to_device(torch.from_numpy(np.ascontiguousarray(req.mask)))[None, None]  # (1,1,H,W)
+        inpainting_unet = self._inpainting_channels(p) > 0
+        if inpainting_unet and mask is None:
+            raise ValueError(f"model {p.name!r} has an inpainting U-Net: it needs a mask")
+        states, concats, known = [], [], []
+        for seed in req.seeds:
+            noise = RequestNoise(seed)
+            start = image_start(
+                image, mask, noise, grid, p.schedule.kind, p.vae, inpainting_unet, req.strength
+            )
+            states.append(sampler.init_at(start.x, grid, generator=noise))
+            if start.concat is not None:
+                concats.append(start.concat)
+            elif mask is not None and start.x0 is not None:
+                known.append((start.x0, start.noise))
+        x_concat = blend_mask = None
+        if concats:
+            rows = torch.cat(concats)  # (n, 1 + C, h, w): one per image, the same for its uncond row
+            x_concat = torch.cat([rows, rows]) if req.guided else rows  # (rows, 1 + C, h, w)
+        if known:
+            blend_mask = latent_mask(mask, tuple(states[0].x.shape[-2:]))  # type: ignore[arg-type]
+        return states, x_concat, known or None, blend_mask
 
     # -- one engine step ----------------------------------------------------------------------
 
@@ -266,6 +311,7 @@ class Worker:
         x0 = self._forward_rows(requests, layout, x, sigma)  # (B, C, H, W)
         x0 = self._combine(requests, layout, x0, index)  # (N, C, H, W)
         self._advance(requests, layout, x0)
+        self._blend(requests)
         for k, r in enumerate(requests):
             r.evaluations += 1
             if r.preview_every:
@@ -305,7 +351,10 @@ class Worker:
             # Rows without a control map get scale 0: exactly zero residuals (static shapes, no host sync).
             per_row = [r.control_scale if r.has_control else 0.0 for r in requests for _ in range(r.rows)]
             scale = self._to_device(torch.tensor(per_row, dtype=torch.float32))  # (B,)
-        return self._forward(denoiser, x, sigma, class_labels, context, control, scale)
+        x_concat = None
+        if requests[0].x_concat is not None:  # an inpainting U-Net: every row of the batch carries them
+            x_concat = torch.cat([r.x_concat for r in requests])  # type: ignore[misc]  # (B, 1 + C, h, w)
+        return self._forward(denoiser, x, sigma, class_labels, context, control, scale, x_concat)
 
     def _combine(
         self,
@@ -341,6 +390,19 @@ class Worker:
             sel = self._to_device(torch.tensor(picked, dtype=torch.long))
             sampler.advance_many([states[j] for j in picked], x0.index_select(0, sel))
 
+    @staticmethod
+    def _blend(requests: Sequence[RequestState]) -> None:
+        """Masked latent blending (inpainting with an ordinary U-Net): after each completed step into σ'
+        the known region becomes the init latent noised to σ' (model.img2img.blend). Heun's predictor
+        stage is not a completed step."""
+        for r in requests:
+            if r.known is None or r.blend_mask is None:
+                continue
+            kind = r.pipeline.schedule.kind
+            for st, (x0, noise) in zip(r.states, r.known, strict=True):
+                if st.stage == 0:
+                    st.x = blend(st.x, x0, noise, r.blend_mask, st.sigmas[st.i], kind)
+
     def _bound_run_ahead(self) -> None:
         """Record this step's end; wait (GIL released) for the step ``max_steps_ahead`` back to finish."""
         event = torch.cuda.Event()
@@ -358,6 +420,7 @@ class Worker:
         context: torch.Tensor | None,
         control: torch.Tensor | None,
         scale: torch.Tensor | None,
+        x_concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The denoiser on rows padded up to their bucket; returns the real rows (a copy).
 
@@ -366,8 +429,10 @@ class Worker:
         padded call eagerly (CPU, or a size not captured). Bucket-sized calls keep a row's result
         independent of the other rows on CPU (byte-exact batch invariance)."""
         runner = self._runner(denoiser, x, control)
+        extra: dict[str, Any] = {} if x_concat is None else {"x_concat": x_concat}  # inpainting U-Nets
         return runner(
-            x, sigma, class_labels=class_labels, context=context, control_cond=control, control_scale=scale
+            x, sigma, class_labels=class_labels, context=context, control_cond=control, control_scale=scale,
+            **extra,
         )
 
     # -- CUDA graphs ----------------------------------------------------------------------------
@@ -456,8 +521,9 @@ class Worker:
 
     def total_evaluations(self, state: RequestState, num_inference_steps: int) -> int:
         """Denoiser calls a request takes (sampler-specific, e.g. Heun: 2 per step but the last)."""
+        steps = len(state.states[0].sigmas) - 1 if state.states else num_inference_steps  # img2img: fewer
         count = getattr(state.sampler, "num_evaluations", None)
-        return int(count(num_inference_steps)) if callable(count) else num_inference_steps
+        return int(count(steps)) if callable(count) else steps
 
     def _example(self, p: Pipeline, rows: int) -> dict[str, Any]:
         """Denoiser inputs of ``rows`` rows at the pipeline's default size (with control if it has one)."""
@@ -478,7 +544,18 @@ class Worker:
         if p.controlnet is not None:
             example["control_cond"] = torch.zeros(rows, 1, d.height, d.width, device=dev)
             example["control_scale"] = torch.ones(rows, device=dev)
+        extra = self._inpainting_channels(p)
+        if extra:  # an inpainting U-Net: mask + masked-image latent channels on every row
+            _, h, w = p.latent_shape(d.height, d.width)
+            example["x_concat"] = torch.zeros(rows, extra, h, w, device=dev)
         return example
+
+    @staticmethod
+    def _inpainting_channels(p: Pipeline) -> int:
+        """Extra U-Net input channels of an inpainting U-Net (0 for an ordinary one)."""
+        if p.vae is None:
+            return 0
+        return inpainting_channels(p.unet.config.in_channels or 0, p.latent_channels or 0)
 
     @torch.no_grad()
     def warmup(self) -> None:
@@ -509,6 +586,7 @@ class Worker:
                     e["context"],
                     e["control_cond"],
                     e["control_scale"],
+                    e.get("x_concat"),
                 )
                 self.warmed.add((key, b))
         if self.device.type == "cuda":
