@@ -68,6 +68,9 @@ _UNET2D_COND_ONLY = {
     "upcast_attention",
     "conv_in_kernel",
     "conv_out_kernel",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
 }
 
 # diffusers fields we accept only at their default value (the feature is not implemented).
@@ -82,14 +85,11 @@ _FIXED: dict[str, Any] = {
     "encoder_hid_dim_type": None,
     "num_attention_heads": None,
     "dual_cross_attention": False,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
     "time_cond_proj_dim": None,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
@@ -100,6 +100,9 @@ _FIXED: dict[str, Any] = {
 _IGNORED = {"addition_embed_type_num_heads"}
 
 _ACT_FNS = ("silu", "swish")
+# addition_embed_type values implemented: SDXL's micro-conditioning (pooled text + size/crop time ids)
+TEXT_TIME = "text_time"
+_ADDITION_EMBED_TYPES = (None, TEXT_TIME)
 _TIME_SHIFTS = ("default", "scale_shift")
 
 
@@ -149,6 +152,21 @@ def _check_common(cfg: Any, class_name: str) -> None:
         raise ValueError(f"num_class_embeds must be positive, got {cfg.num_class_embeds}")
     if cfg.downsample_padding not in (0, 1):
         raise ValueError(f"unsupported downsample_padding {cfg.downsample_padding}; supported: 0, 1")
+    _check_addition_embed(cfg)
+
+
+def _check_addition_embed(cfg: Any) -> None:
+    """SDXL's text_time embedding needs both of its widths; other addition_embed_type values are refused."""
+    kind = getattr(cfg, "addition_embed_type", None)
+    if kind not in _ADDITION_EMBED_TYPES:
+        raise ValueError(
+            f"addition_embed_type={kind!r} is not supported (only {TEXT_TIME!r}, SDXL's, is implemented)"
+        )
+    if kind == TEXT_TIME:
+        for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            v = getattr(cfg, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"addition_embed_type='text_time' needs a positive int {name}, got {v!r}")
 
 
 def _split_dict(d: dict[str, Any], known: set[str], class_name: str) -> dict[str, Any]:
@@ -212,6 +230,9 @@ class UNetConfig:
     upcast_attention: bool = False  # compute attention in fp32
     conv_in_kernel: int = 3  # kernel of conv_in
     conv_out_kernel: int = 3  # kernel of conv_out
+    addition_embed_type: str | None = None  # "text_time": SDXL micro-conditioning added to the time embedding
+    addition_time_embed_dim: int | None = None  # sinusoid width per time id (SDXL: 256)
+    projection_class_embeddings_input_dim: int | None = None  # add_embedding input: pooled text + time ids
 
     def __post_init__(self) -> None:
         if self.class_name not in _UNET_CLASS_DEFAULTS:
@@ -220,6 +241,8 @@ class UNetConfig:
             )
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _tuple(getattr(self, f.name)))
+        if self.upcast_attention is None:  # SDXL's config.json says null: diffusers reads it as False
+            object.__setattr__(self, "upcast_attention", False)
         for k, v in _UNET_CLASS_DEFAULTS[self.class_name].items():
             if getattr(self, k) is None:
                 object.__setattr__(self, k, v)
@@ -312,6 +335,9 @@ class ControlNetConfig:
     conditioning_embedding_out_channels: tuple[int, ...] = field(  # cond embedder conv widths
         default=(16, 32, 96, 256)
     )
+    addition_embed_type: str | None = None  # "text_time": SDXL micro-conditioning (as the base U-Net)
+    addition_time_embed_dim: int | None = None  # sinusoid width per time id (SDXL: 256)
+    projection_class_embeddings_input_dim: int | None = None  # add_embedding input: pooled text + time ids
 
     class_name = CONTROLNET  # not a field: the diffusers class is fixed
     dropout = 0.0  # ControlNetModel has no dropout
@@ -320,6 +346,8 @@ class ControlNetConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _tuple(getattr(self, f.name)))
+        if self.upcast_attention is None:  # SDXL ControlNet configs say null: diffusers reads it as False
+            object.__setattr__(self, "upcast_attention", False)
         _check_common(self, CONTROLNET)
         if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
             raise ValueError("controlnet_conditioning_channel_order must be 'rgb' or 'bgr'")
@@ -376,6 +404,9 @@ class ControlNetConfig:
             upcast_attention=unet.upcast_attention,
             resnet_time_scale_shift=unet.resnet_time_scale_shift,
             conditioning_embedding_out_channels=conditioning_embedding_out_channels,
+            addition_embed_type=unet.addition_embed_type,
+            addition_time_embed_dim=unet.addition_time_embed_dim,
+            projection_class_embeddings_input_dim=unet.projection_class_embeddings_input_dim,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +19,13 @@ def timestep_embedding(
 ) -> torch.Tensor:
     """Sinusoidal embedding of per-row timesteps, computed in fp32 (as diffusers' get_timestep_embedding).
 
-    t: (B,) any dtype -> (B, dim) float32. Frequencies exp(-ln(max_period) * i / (half - freq_shift)).
+    t: (B,) any dtype -> (B, dim) float32. Frequencies exp(-ln(max_period) * i / (half - freq_shift)),
+    rounded in diffusers' order (multiply, then divide): SDXL feeds pixel sizes (~1024) as timesteps, where
+    an ulp in a frequency is ~1e-4 in the argument.
     """
     half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=t.device) * (
-        -math.log(max_period) / (half - freq_shift)
-    )
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    exponent = exponent / (half - freq_shift)
     args = t.float()[:, None] * exponent.exp()[None, :]  # (B, half)
     if flip_sin_to_cos:
         emb = torch.cat([args.cos(), args.sin()], dim=-1)  # (B, 2 * half)
@@ -88,13 +89,63 @@ def attach_time_embedding(
     owner.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds else None
 
 
-def embed_conditioning(
-    owner: Conditioned, x: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None
+class TextTimeConditioned(Protocol):
+    """A model with SDXL's added embedding (attach_text_time_embedding's modules)."""
+
+    conv_in: nn.Conv2d
+    add_time_proj: Timesteps
+    add_embedding: TimestepEmbedding
+
+
+def attach_text_time_embedding(
+    owner: Any,  # an nn.Module (UNet, ControlNet; typed by the Encoder protocol at the call site)
+    time_embed_dim: int,
+    addition_time_embed_dim: int,
+    projection_class_embeddings_input_dim: int,
+    flip_sin_to_cos: bool,
+    freq_shift: float,
+) -> None:
+    """Create owner.add_time_proj and owner.add_embedding (diffusers' names) for addition_embed_type
+    "text_time" (SDXL): the sinusoid of each time id and the MLP on [pooled text, sinusoids]."""
+    exponent_check(addition_time_embed_dim, freq_shift)
+    owner.add_time_proj = Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift)
+    owner.add_embedding = TimestepEmbedding(projection_class_embeddings_input_dim, time_embed_dim)
+
+
+def text_time_embedding(
+    owner: TextTimeConditioned, added_cond: dict[str, torch.Tensor] | None
 ) -> torch.Tensor:
-    """e = time_embedding(sin(t)) [+ class_embedding(y)] for a module set up by attach_time_embedding.
+    """SDXL's added embedding: add_embedding([text_embeds, sin(time_ids) per id]) -> (B, time_embed_dim).
+
+    added_cond: {"text_embeds": (B, P) pooled projected text, "time_ids": (B, n) original size, crop top-left,
+    target size (n = 6)}; P + n * addition_time_embed_dim must be add_embedding's input width.
+    """
+    if added_cond is None or "text_embeds" not in added_cond or "time_ids" not in added_cond:
+        raise ValueError(
+            "this model uses SDXL micro-conditioning (addition_embed_type='text_time'): pass "
+            "added_cond={'text_embeds': (B, P), 'time_ids': (B, 6)}"
+        )
+    text_embeds, time_ids = added_cond["text_embeds"], added_cond["time_ids"]
+    dtype = owner.conv_in.weight.dtype
+    time_embeds = owner.add_time_proj(time_ids.flatten())  # (B * n, addition_time_embed_dim) fp32
+    time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)  # (B, n * addition_time_embed_dim)
+    add_embeds = torch.cat([text_embeds.to(time_embeds.dtype), time_embeds], dim=-1)  # (B, P + n * d)
+    return owner.add_embedding(add_embeds.to(dtype))
+
+
+def embed_conditioning(
+    owner: Conditioned,
+    x: torch.Tensor,
+    t: torch.Tensor | float,
+    class_labels: torch.Tensor | None,
+    added_cond: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """e = time_embedding(sin(t)) [+ class_embedding(y)] [+ text_time_embedding(added_cond)] for a module
+    set up by attach_time_embedding.
 
     x: (B, C, H, W) gives batch, device and dtype; t: (B,) per-row timesteps (0-dim or a number is
-    broadcast); class_labels: (B,) long. Returns (B, time_embed_dim) in the model dtype.
+    broadcast); class_labels: (B,) long; added_cond: SDXL's {"text_embeds", "time_ids"} (see
+    text_time_embedding). Returns (B, time_embed_dim) in the model dtype.
     """
     dtype = owner.conv_in.weight.dtype
     t = torch.as_tensor(t, device=x.device)
@@ -107,4 +158,8 @@ def embed_conditioning(
         emb = emb + owner.class_embedding(class_labels).to(dtype)
     elif class_labels is not None:
         raise ValueError("this model has no class embedding (num_class_embeds is None) but got class_labels")
+    if getattr(owner, "add_embedding", None) is not None:  # SDXL (attach_text_time_embedding)
+        emb = emb + text_time_embedding(owner, added_cond)  # type: ignore[arg-type]  # checked just above
+    elif added_cond is not None:
+        raise ValueError("this model has no added (text_time) conditioning but got added_cond")
     return emb

@@ -1,7 +1,8 @@
 """The diffusion U-Net: diffusers UNet2DModel and UNet2DConditionModel in one module (same keys as diffusers).
 
-forward(x, t, class_labels=None, context=None, control=None) -> prediction shaped like x.
-t is per row (B,): every row may be a different request at its own noise level.
+forward(x, t, class_labels=None, context=None, control=None, added_cond=None) -> prediction shaped like x.
+t is per row (B,): every row may be a different request at its own noise level. added_cond carries SDXL's
+per-row micro-conditioning (addition_embed_type "text_time": pooled text embeds and size/crop time ids).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from torch import nn
 
 from model.attention import SpatialSelfAttention, Transformer2D
 from model.blocks import AttnFactory, DownBlock, MidBlock, ModuleList, UpBlock
-from model.config import UNET2D, ControlNetConfig, UNetConfig, _per_block
+from model.config import TEXT_TIME, UNET2D, ControlNetConfig, UNetConfig, _per_block
 from model.embeddings import (
     Conditioned,
     TimestepEmbedding,
     Timesteps,
+    attach_text_time_embedding,
     attach_time_embedding,
     embed_conditioning,
 )
@@ -87,6 +89,16 @@ def build_encoder(owner: Encoder, cfg: AnyConfig) -> None:
     k_in = getattr(cfg, "conv_in_kernel", 3)
     owner.conv_in = nn.Conv2d(cfg.in_channels, chans[0], k_in, padding=(k_in - 1) // 2)
     attach_time_embedding(owner, chans[0], temb, cfg.flip_sin_to_cos, cfg.freq_shift, cfg.num_class_embeds)
+    if cfg.addition_embed_type == TEXT_TIME:  # SDXL: pooled text + size/crop ids added to the time embedding
+        assert cfg.addition_time_embed_dim and cfg.projection_class_embeddings_input_dim  # config checks it
+        attach_text_time_embedding(
+            owner,
+            temb,
+            cfg.addition_time_embed_dim,
+            cfg.projection_class_embeddings_input_dim,
+            cfg.flip_sin_to_cos,
+            cfg.freq_shift,
+        )
 
     layers = _per_block(cfg.layers_per_block, n, "layers_per_block")
     head_arg = _per_block(cfg.attention_head_dim, n, "attention_head_dim")
@@ -245,9 +257,11 @@ class UNet(nn.Module):
         class_labels: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         control: ControlResiduals | None = None,
+        added_cond: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x (B, C, H, W); t (B,) per-row timesteps (scalar broadcast); class_labels (B,) long;
-        context (B, L, D) for cross-attention models; control: ControlNet residuals. -> (B, C_out, H, W)."""
+        context (B, L, D) for cross-attention models; control: ControlNet residuals; added_cond (SDXL):
+        {"text_embeds": (B, P), "time_ids": (B, 6)}. -> (B, C_out, H, W)."""
         if self.config.has_cross_attention:
             if context is None:
                 raise ValueError("UNet2DConditionModel needs context (B, L, cross_attention_dim)")
@@ -255,7 +269,7 @@ class UNet(nn.Module):
             raise ValueError("this UNet has no cross-attention; context must be None")
         if self.config.center_input_sample:
             x = 2 * x - 1.0
-        emb = embed_conditioning(self, x, t, class_labels)  # (B, T)
+        emb = embed_conditioning(self, x, t, class_labels, added_cond)  # (B, T)
         h, skips = run_encoder(self, x, emb, context)
         if control is not None:
             skips = [s + r for s, r in zip(skips, control.down, strict=True)]

@@ -73,8 +73,8 @@ def test_unsupported_block_type(saved):
         UNetConfig.from_dict(
             {"_class_name": "UNet2DConditionModel", "mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}
         )
-    with pytest.raises(ValueError, match="addition_embed_type='text_time' is not supported"):
-        UNetConfig.from_dict({"_class_name": "UNet2DConditionModel", "addition_embed_type": "text_time"})
+    with pytest.raises(ValueError, match="addition_embed_type='text' is not supported"):
+        UNetConfig.from_dict({"_class_name": "UNet2DConditionModel", "addition_embed_type": "text"})
     with pytest.raises(ValueError, match="unknown UNet2DModel config field 'cross_attention_dim'"):
         UNetConfig.from_dict({"_class_name": "UNet2DModel", "cross_attention_dim": 8})
     with pytest.raises(ValueError, match="expected a ControlNetModel config"):

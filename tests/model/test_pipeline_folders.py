@@ -137,9 +137,9 @@ def test_bin_only_folder_is_refused_with_how_to_convert(weights):
 def test_unserved_pipeline_class_is_named(weights):
     folder = weights / "tiny-sd"
     (folder / "model_index.json").write_text(
-        json.dumps({**_index(folder), "_class_name": "StableDiffusionXLPipeline"})
+        json.dumps({**_index(folder), "_class_name": "StableDiffusion3Pipeline"})
     )
-    msg = "'StableDiffusionXLPipeline' is not served.*StableDiffusionPipeline"
+    msg = "'StableDiffusion3Pipeline' is not served.*StableDiffusionPipeline"
     with pytest.raises(PipelineError, match=msg):
         load_pipelines(weights, ["tiny-sd"])
     assert list_models(weights) == []  # not listed either
