@@ -283,9 +283,9 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 class GraphedUNet(GraphedCallable):
     """A U-Net behind per-bucket CUDA graphs, with the U-Net's own call signature.
 
-    ``unet(x, t, class_labels=None, context=None, control=None)`` as in model.unet.UNet. ``control`` is a
-    ``ControlResiduals`` (or None); with and without control are separate graphs (captured on first use
-    or by ``warmup``).
+    ``unet(x, t, class_labels=None, context=None, control=None, added_cond=None)`` as in model.unet.UNet.
+    ``control`` is a ``ControlResiduals`` (or None); with and without control are separate graphs (captured
+    on first use or by ``warmup``). ``added_cond`` (SDXL) is a dict of (B, ...) tensors, padded like x.
     """
 
     def __init__(self, unet: torch.nn.Module, buckets: Sequence[int] = DEFAULT_BUCKETS, **kwargs: Any):
@@ -309,8 +309,10 @@ class GraphedUNet(GraphedCallable):
         class_labels: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         control: ControlResiduals | None = None,
+        added_cond: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        return self.unet(x, t, class_labels=class_labels, context=context, control=control)
+        extra = {} if added_cond is None else {"added_cond": added_cond}  # plain U-Nets never see the key
+        return self.unet(x, t, class_labels=class_labels, context=context, control=control, **extra)
 
     # The U-Net's own signature instead of GraphedCallable's **inputs: a deliberate narrowing.
     def __call__(  # type: ignore[override]
@@ -320,15 +322,19 @@ class GraphedUNet(GraphedCallable):
         class_labels: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         control: ControlResiduals | None = None,
+        added_cond: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x (B, C, H, W), t (B,) -> (B, C, H, W); a view valid until the next call (see class docs)."""
         if not torch.is_tensor(t) or t.dim() == 0:
             t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0])
-        return super().__call__(x=x, t=t, class_labels=class_labels, context=context, control=control)
+        return super().__call__(
+            x=x, t=t, class_labels=class_labels, context=context, control=control, added_cond=added_cond
+        )
 
     def warmup(self, buckets: Iterable[int] | None = None, **example: Any) -> None:
         example = {k: v for k, v in example.items() if v is not None}
-        super().warmup(buckets, **{"class_labels": None, "context": None, "control": None, **example})
+        defaults = {"class_labels": None, "context": None, "control": None, "added_cond": None}
+        super().warmup(buckets, **{**defaults, **example})
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -363,9 +369,10 @@ class GraphedDenoiser(GraphedCallable):
         context: torch.Tensor | None = None,
         control_cond: torch.Tensor | None = None,
         control_scale: torch.Tensor | None = None,
+        added_cond: dict[str, torch.Tensor] | None = None,
         x_concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {} if added_cond is None else {"added_cond": added_cond}  # SDXL only
         if x_concat is not None:
             extra["x_concat"] = x_concat  # inpainting U-Nets only
         return self.denoiser(
@@ -414,10 +421,12 @@ class GraphedDenoiser(GraphedCallable):
         control_cond: torch.Tensor | None = None,
         control_scale: torch.Tensor | float | None = None,
         control_mask: torch.Tensor | None = None,
+        added_cond: dict[str, torch.Tensor] | None = None,
         x_concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, C, H, W), sigma (B,) -> x0 (B, C, H, W) fp32, B <= the largest bucket. x_concat
-        (B, C', H, W): an inpainting U-Net's extra input channels (see Denoiser)."""
+        """x (B, C, H, W), sigma (B,) -> x0 (B, C, H, W) fp32, B <= the largest bucket. added_cond (SDXL):
+        {"text_embeds": (B, P), "time_ids": (B, 6)}, padded into static buffers like every other input;
+        x_concat (B, C', H, W): an inpainting U-Net's extra input channels (see Denoiser)."""
         sigma, control_scale = self._canonical(x, sigma, control_cond, control_scale, control_mask)
         return super().__call__(
             x=x,
@@ -426,6 +435,7 @@ class GraphedDenoiser(GraphedCallable):
             context=context,
             control_cond=control_cond,
             control_scale=control_scale,
+            added_cond=added_cond,
             x_concat=x_concat,
         )
 
@@ -441,6 +451,7 @@ class GraphedDenoiser(GraphedCallable):
         control_cond: torch.Tensor | None = None,
         control_scale: torch.Tensor | float | None = None,
         control_mask: torch.Tensor | None = None,
+        added_cond: dict[str, torch.Tensor] | None = None,
         x_concat: torch.Tensor | None = None,
     ) -> None:
         """Capture every bucket for this input structure (x fp32 and sigma float64 fix the buffer dtypes)."""
@@ -453,5 +464,6 @@ class GraphedDenoiser(GraphedCallable):
             context=context,
             control_cond=control_cond,
             control_scale=control_scale,
+            added_cond=added_cond,
             x_concat=x_concat,
         )

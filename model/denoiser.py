@@ -28,7 +28,8 @@ class Denoiser:
     """D(x, σ) for a packed batch whose rows can each sit at a different σ.
 
     Args:
-        unet: callable `unet(x, t, class_labels=None, context=None, control=None) -> Tensor` with `.dtype`.
+        unet: callable `unet(x, t, class_labels=None, context=None, control=None) -> Tensor` with `.dtype`
+            (and `added_cond=` for SDXL U-Nets; only passed when a call gives one).
         schedule: the model's training `Schedule` (decides VP vs flow and the prediction type).
         controlnet: optional `controlnet(x, t, cond, context=None, class_labels=None, scale=...)` returning
             `ControlResiduals(down: list[Tensor], mid: Tensor)`.
@@ -53,6 +54,7 @@ class Denoiser:
         control_cond: Tensor | None = None,
         control_scale: Tensor | float | None = None,
         control_mask: Tensor | None = None,
+        added_cond: dict[str, Tensor] | None = None,
         x_concat: Tensor | None = None,
     ) -> Tensor:
         """x0 estimate (fp32) for x (B, C, H, W) at noise levels sigma (B,).
@@ -61,7 +63,8 @@ class Denoiser:
         control_cond (B, Cc, H, W) in [0, 1] feeds the ControlNet; control_scale is a float or (B,)
         (0 for rows without a control map gives them zero residuals without any host sync). control_mask (B,)
         bool, if given, runs the ControlNet only on those rows and leaves zero residuals elsewhere (the
-        boolean indexing syncs with the host once).
+        boolean indexing syncs with the host once). added_cond: SDXL's per-row micro-conditioning
+        {"text_embeds": (B, P), "time_ids": (B, 6)}, given to the U-Net (and ControlNet) as is.
         x_concat (B, C', H, W): extra U-Net input channels appended after the input scaling (inpainting
         U-Nets: mask + masked-image latent, as diffusers' inpainting pipelines); the ControlNet sees x only.
         """
@@ -86,12 +89,15 @@ class Denoiser:
         x_in = x_in.to(dtype)
         if context is not None and context.is_floating_point():
             context = context.to(dtype)
+        extra = {} if added_cond is None else {"added_cond": added_cond}  # plain U-Nets never see the key
         control = None
         if control_cond is not None:
-            control = self._control(x_in, t, control_cond, context, class_labels, control_scale, control_mask)
+            control = self._control(
+                x_in, t, control_cond, context, class_labels, control_scale, control_mask, added_cond
+            )
         if x_concat is not None:
             x_in = torch.cat([x_in, x_concat.to(device=x_in.device, dtype=dtype)], dim=1)  # (B, C + C', H, W)
-        out = self.unet(x_in, t, class_labels=class_labels, context=context, control=control)
+        out = self.unet(x_in, t, class_labels=class_labels, context=context, control=control, **extra)
         out = out.float()
         return self._to_x0(out, x, s)
 
@@ -117,6 +123,7 @@ class Denoiser:
         class_labels: Tensor | None,
         scale: Tensor | float | None,
         mask: Tensor | None,
+        added_cond: dict[str, Tensor] | None = None,
     ) -> Any:
         if self.controlnet is None:
             raise ValueError("control_cond was given but this Denoiser has no controlnet")
@@ -124,8 +131,10 @@ class Denoiser:
         cond = cond.to(device=x_in.device, dtype=getattr(cn, "dtype", x_in.dtype))
         scale = 1.0 if scale is None else scale
         if mask is None:
-            return cn(x_in, t, cond, context=context, class_labels=class_labels, scale=scale)
+            extra = {} if added_cond is None else {"added_cond": added_cond}  # SDXL ControlNets take it too
+            return cn(x_in, t, cond, context=context, class_labels=class_labels, scale=scale, **extra)
         idx = mask.to(x_in.device).nonzero().squeeze(1)  # (M,)
+        sub = {} if added_cond is None else {"added_cond": {k: v[idx] for k, v in added_cond.items()}}
         if torch.is_tensor(scale) and scale.ndim > 0:
             scale = scale[idx]
         res = cn(
@@ -135,6 +144,7 @@ class Denoiser:
             context=None if context is None else context[idx],
             class_labels=None if class_labels is None else class_labels[idx],
             scale=scale,
+            **sub,
         )
 
         def scatter(r: Tensor) -> Tensor:
