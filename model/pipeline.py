@@ -1,7 +1,9 @@
 """A model -> Pipeline: U-Net, schedule, encoders, VAE, metadata. Two kinds of model folder are served.
 
-1. A standard diffusers pipeline folder (model_index.json naming StableDiffusionPipeline; see
-   model.pipeline_folder): latent diffusion with a VAE and a CLIP text encoder read from the folder.
+1. A standard diffusers pipeline folder (model_index.json naming StableDiffusionPipeline,
+   StableDiffusionXLPipeline, ...; see model.pipeline_folder): latent diffusion with a VAE and a CLIP text
+   encoder (SDXL: two, `model.clip_text.SDXLTextEncoder`) read from the folder. SDXL rows also carry added
+   conditioning (pooled text embeds + size/crop time ids, `model.sdxl`).
    No unet_server.json is needed; when one is present its keys override the derived metadata (its
    ``defaults`` key by key). A hub id (``org/name``) resolves to such a folder in the Hugging Face cache
    (model.hub); the model's name is then the hub id.
@@ -43,6 +45,8 @@ from model.pipeline_folder import (
 )
 
 if TYPE_CHECKING:
+    from model.clip_text import CLIPTextEncoder, SDXLTextEncoder
+    from model.config import VAEConfig
     from model.controlnet import ControlNet
     from model.denoiser import Denoiser
     from model.schedules import Schedule
@@ -108,10 +112,17 @@ class Pipeline:
     latent_channels: int | None = None  # channels the U-Net samples (None: image_channels)
     vae_scale_factor: int = 1  # image pixels per latent pixel (8 for SD; 1 for pixel models)
     pipeline_class: str | None = None  # diffusers class of a pipeline folder ("StableDiffusionPipeline")
+    force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zero uncond rows (model.sdxl)
 
     def __post_init__(self) -> None:
         if self.latent_channels is None:
             self.latent_channels = self.image_channels
+
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL micro-conditioning (the U-Net's addition_embed_type "text_time"): every row carries
+        added_cond {"text_embeds": (P,), "time_ids": (6,)} (model.sdxl)."""
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
 
     @property
     def is_latent(self) -> bool:
@@ -315,14 +326,23 @@ def _load_diffusers(
         vae_dtype or _vae_dtype(dtype, vae_cfg.force_upcast),
         variant=pf.variants["vae"],
     )
-    text_encoder = CLIPTextEncoder.load(
-        _inside(folder, root, "text_encoder"),
-        _inside(folder, root, "tokenizer"),
-        device=device,
-        dtype=dtype,
-        variant=pf.variants["text_encoder"],
-        clip_skip=meta.get("clip_skip"),
-    )
+    text_encoder: CLIPTextEncoder | SDXLTextEncoder
+    if pf.is_sdxl:
+        text_encoder = _load_sdxl_text(name, folder, root, pf, unet, vae_cfg, device, dtype, meta)
+    else:
+        text_encoder = CLIPTextEncoder.load(
+            _inside(folder, root, "text_encoder"),
+            _inside(folder, root, "tokenizer"),
+            device=device,
+            dtype=dtype,
+            variant=pf.variants["text_encoder"],
+            clip_skip=meta.get("clip_skip"),
+        )
+        if unet.config.addition_embed_type is not None:
+            raise PipelineError(
+                f"{name}: the U-Net has addition_embed_type={unet.config.addition_embed_type!r} (an SDXL "
+                f"U-Net) but the folder is a {pf.class_name} without text_encoder_2"
+            )
     # latent channels, or an inpainting U-Net's 2 * latent + 1 (latent, mask, masked-image latent)
     if unet.config.in_channels not in (vae_cfg.latent_channels, 2 * vae_cfg.latent_channels + 1):
         raise PipelineError(
@@ -363,7 +383,52 @@ def _load_diffusers(
         latent_channels=vae_cfg.latent_channels,
         vae_scale_factor=vae_cfg.scale_factor,
         pipeline_class=pf.class_name,
+        force_zeros_for_empty_prompt=pf.force_zeros_for_empty_prompt,
     )
+
+
+def _load_sdxl_text(
+    name: str,
+    folder: Path,
+    root: Path,
+    pf: PipelineFolder,
+    unet: UNet,
+    vae_cfg: VAEConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    meta: dict[str, Any],
+) -> SDXLTextEncoder:
+    """An SDXL folder's two text encoders, after checking the U-Net and VAE are what SDXL sampling needs."""
+    from model.clip_text import SDXLTextEncoder
+    from model.sdxl import check_added_width
+
+    cfg = unet.config
+    if cfg.addition_embed_type != "text_time":
+        raise PipelineError(
+            f"{name}: a {pf.class_name} U-Net needs addition_embed_type='text_time', got "
+            f"{cfg.addition_embed_type!r}"
+        )
+    if vae_cfg.latents_mean is not None or vae_cfg.latents_std is not None:
+        # StableDiffusionXLPipeline de-normalises with them before decoding; our VAE does not (yet)
+        raise PipelineError(f"{name}: an SDXL VAE with latents_mean/latents_std is not supported yet")
+    text_encoder = SDXLTextEncoder.load(
+        _inside(folder, root, "text_encoder"),
+        _inside(folder, root, "tokenizer"),
+        _inside(folder, root, "text_encoder_2"),
+        _inside(folder, root, "tokenizer_2"),
+        device=device,
+        dtype=dtype,
+        variants=(pf.variants["text_encoder"], pf.variants["text_encoder_2"]),
+        clip_skip=meta.get("clip_skip"),
+    )
+    assert cfg.addition_time_embed_dim and cfg.projection_class_embeddings_input_dim  # config checks it
+    try:
+        check_added_width(
+            cfg.projection_class_embeddings_input_dim, cfg.addition_time_embed_dim, text_encoder.pooled_size
+        )
+    except ValueError as exc:
+        raise PipelineError(f"{name}: {exc} (an SDXL refiner U-Net?)") from None
+    return text_encoder
 
 
 def load_pipelines(

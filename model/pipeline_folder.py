@@ -11,6 +11,10 @@ in the hub cache::
     scheduler/     scheduler_config.json
     safety_checker/, feature_extractor/    ignored (logged)
 
+An SDXL folder (``StableDiffusionXLPipeline``) adds text_encoder_2/ (CLIPTextModelWithProjection) and
+tokenizer_2/, and model_index.json's ``force_zeros_for_empty_prompt``. SDXL refiner folders (only
+text_encoder_2, ``requires_aesthetics_score``) are refused with a message saying so.
+
 `read_pipeline_folder` reads only JSON and checks every needed file is there (safetensors only; a pickle-
 only component is refused with how to convert it), so a bad folder fails before any weights are read.
 `scheduler_sampler` maps the folder's scheduler class to one of our sampler names (model.samplers).
@@ -37,7 +41,17 @@ SERVED_PIPELINES: dict[str, dict[str, tuple[str, ...]]] = {
         "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
         "scheduler": (),  # any scheduler class: only its training schedule is used
     },
+    "StableDiffusionXLPipeline": {
+        "unet": ("UNet2DConditionModel",),
+        "vae": ("AutoencoderKL",),
+        "text_encoder": ("CLIPTextModel",),
+        "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+        "text_encoder_2": ("CLIPTextModelWithProjection",),
+        "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
+        "scheduler": (),
+    },
 }
+SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
 # SD with its own ControlNet(s) in controlnet/ (model.sd_controlnet.paired_controlnets reads them)
 SERVED_PIPELINES["StableDiffusionControlNetPipeline"] = {
     **SERVED_PIPELINES["StableDiffusionPipeline"],
@@ -52,12 +66,14 @@ _WEIGHT_STEMS = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
+    "text_encoder_2": "model",
     "controlnet": "diffusion_pytorch_model",
 }
 
 # Stable Diffusion's usual settings (the issue's SD defaults; diffusers' own call default is 50 steps).
 SD_STEPS = 25
 SD_GUIDANCE = 7.5
+SDXL_GUIDANCE = 5.0  # StableDiffusionXLPipeline's own default
 
 # diffusers scheduler class -> our sampler (model.samplers names/aliases). Samplers we do not implement get a
 # documented equivalent: PNDM (PLMS) and LMS are linear multistep solvers of the same probability-flow ODE;
@@ -99,6 +115,13 @@ class PipelineFolder:
     vae_config: dict[str, Any]
     scheduler_config: dict[str, Any]  # with `_class_name`
     variants: dict[str, str | None]  # weighted component -> weights variant found (None: plain files)
+    force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zero uncond rows
+
+    @property
+    def is_sdxl(self) -> bool:
+        """An SDXL folder (any served class with text_encoder_2): two text encoders and the U-Net's size/crop
+        micro-conditioning."""
+        return "text_encoder_2" in self.components
 
     @property
     def vae_scale_factor(self) -> int:
@@ -154,6 +177,7 @@ def read_pipeline_folder(folder: str | Path, variant: str | None = None) -> Pipe
     if index is None:
         raise PipelineError(f"{folder}: no {MODEL_INDEX} (not a diffusers pipeline folder)")
     class_name = index.get("_class_name")
+    _refuse_refiner(folder, index)
     if class_name not in SERVED_PIPELINES:
         raise PipelineError(
             f"{folder}: pipeline class {class_name!r} is not served; served pipeline classes: "
@@ -186,11 +210,15 @@ def read_pipeline_folder(folder: str | Path, variant: str | None = None) -> Pipe
                 _, variants[name] = find_weights(folder / name, stem, variant)
             except WeightsError as exc:
                 raise PipelineError(f"{folder}: component {name}/: {exc}") from exc
-    tok = folder / "tokenizer"
-    if not ((tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()) and not (
-        tok / "tokenizer.json"
-    ).is_file():
-        raise PipelineError(f"{folder}: tokenizer/ has neither vocab.json + merges.txt nor tokenizer.json")
+    for tok_name in (c for c in components if c.startswith("tokenizer")):
+        tok = folder / tok_name
+        if (
+            not ((tok / "vocab.json").is_file() and (tok / "merges.txt").is_file())
+            and not (tok / "tokenizer.json").is_file()
+        ):
+            raise PipelineError(
+                f"{folder}: {tok_name}/ has neither vocab.json + merges.txt nor tokenizer.json"
+            )
     sched_path = folder / "scheduler" / "scheduler_config.json"
     if not sched_path.is_file():
         raise PipelineError(f"{folder}: missing scheduler/scheduler_config.json")
@@ -207,7 +235,29 @@ def read_pipeline_folder(folder: str | Path, variant: str | None = None) -> Pipe
         vae_config=_json(folder / "vae" / "config.json", "the vae config"),
         scheduler_config=sched,
         variants=variants,
+        # diffusers' StableDiffusionXLPipeline registers True when model_index.json leaves it out
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True))
+        if "text_encoder_2" in wanted
+        else False,
     )
+
+
+def _refuse_refiner(folder: Path, index: dict[str, Any]) -> None:
+    """An SDXL refiner folder is refused with what it is and what to serve instead."""
+    class_name = str(index.get("_class_name"))
+    if not class_name.startswith("StableDiffusionXL"):
+        return
+    te = index.get("text_encoder")
+    no_first_encoder = not (isinstance(te, list) and len(te) == 2 and te[1])
+    if index.get("requires_aesthetics_score") or no_first_encoder:
+        raise PipelineError(
+            f"{folder}: an SDXL refiner folder ({class_name}"
+            f"{', text_encoder_2 only' if no_first_encoder else ''}"
+            f"{', requires_aesthetics_score' if index.get('requires_aesthetics_score') else ''}) "
+            "is not served: "
+            "refiners run img2img on a base model's output with aesthetic-score conditioning. Serve the SDXL "
+            "base folder (StableDiffusionXLPipeline, text_encoder + text_encoder_2) instead"
+        )
 
 
 def scheduler_sampler(scheduler_config: dict[str, Any]) -> str:
@@ -227,11 +277,11 @@ def scheduler_sampler(scheduler_config: dict[str, Any]) -> str:
 
 def pipeline_defaults(pf: PipelineFolder) -> dict[str, Any]:
     """unet_server.json-style defaults for a pipeline folder: sampler from its scheduler, SD's 25 steps and
-    guidance 7.5, the native size."""
+    guidance 7.5 (SDXL: 5.0, its pipeline's default), the native size."""
     return {
         "sampler": scheduler_sampler(pf.scheduler_config),
         "num_inference_steps": SD_STEPS,
-        "guidance_scale": SD_GUIDANCE,
+        "guidance_scale": SDXL_GUIDANCE if pf.is_sdxl else SD_GUIDANCE,
         "width": pf.native_size,
         "height": pf.native_size,
     }
