@@ -115,14 +115,16 @@ class ControlNet(nn.Module):
         context: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
         scale: float | torch.Tensor = 1.0,
+        added_cond: dict[str, torch.Tensor] | None = None,
     ) -> ControlResiduals:
         """x (B, C, H, W); t (B,); cond (B, Cc, H', W') in [0, 1] at image resolution (H' = H * 2^k);
-        context (B, L, D); class_labels (B,); scale float or (B,) per-row strength. -> ControlResiduals."""
+        context (B, L, D); class_labels (B,); scale float or (B,) per-row strength; added_cond: SDXL's
+        {"text_embeds": (B, P), "time_ids": (B, 6)} for a text_time ControlNet. -> ControlResiduals."""
         if context is None and self._needs_context:
             raise ValueError("this ControlNet has cross-attention; pass context (B, L, cross_attention_dim)")
         if self.config.controlnet_conditioning_channel_order == "bgr":
             cond = torch.flip(cond, dims=[1])
-        emb = embed_conditioning(self, x, t, class_labels)  # (B, T)
+        emb = embed_conditioning(self, x, t, class_labels, added_cond)  # (B, T)
         h = self.conv_in(x) + self.controlnet_cond_embedding(cond.to(self.dtype))  # (B, C0, H, W)
         skips = [h]
         for block in self.down_blocks:

@@ -88,6 +88,8 @@ class MultiControlNet(nn.Module):
         from model.denoiser import Denoiser
 
         sub = self.select(names)
+        if sub is self and getattr(base.controlnet, "_orig_mod", base.controlnet) is self:
+            return base  # all nets: the model's own denoiser (the one warmed up and captured)
         key = (id(base.unet), sub.names)
         d = self._denoisers.get(key)
         if d is None:

@@ -19,6 +19,9 @@ class ClassInfo(BaseModel):
 class ControlInfo(BaseModel):
     type: str
     channels: int
+    controlnets: list[str] | None = Field(
+        None, description="SD models: the ControlNets a request can name in `controlnets` (type controlnet)."
+    )
 
 
 class Conditioning(BaseModel):
@@ -91,7 +94,9 @@ def model_spec(p: Any) -> ModelSpec:
     control = None
     if p.control:
         control = ControlInfo(
-            type=str(p.control.get("type", "control")), channels=int(p.control.get("channels", 1))
+            type=str(p.control.get("type", "control")),
+            channels=int(p.control.get("channels", 1)),
+            controlnets=p.control.get("controlnets"),
         )
     d = p.defaults
     return ModelSpec(

@@ -64,9 +64,10 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
 
 
 def decode_control_image(
-    data: bytes, *, width: int, height: int, max_bytes: int, max_pixels: int
+    data: bytes, *, width: int, height: int, max_bytes: int, max_pixels: int, mode: str = "L"
 ) -> np.ndarray:
-    """Decode a control map to float32 (height, width) in [0, 1]; raises ImageDecodeError."""
+    """Decode a control map to float32 (height, width) in [0, 1], or with ``mode="RGB"`` (SD ControlNets'
+    control images, alpha dropped as Pillow's convert does) (height, width, 3); raises ImageDecodeError."""
     if len(data) > max_bytes:
         raise ImageDecodeError(f"control image is {len(data)} bytes; the limit is {max_bytes}")
     if not data:
@@ -79,7 +80,7 @@ def decode_control_image(
             if w < 1 or h < 1 or w * h > max_pixels:
                 raise ImageDecodeError(f"control image is {w}x{h} pixels; the limit is {max_pixels} pixels")
             img.load()
-            gray = img.convert("L")
+            gray = img.convert(mode)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -88,4 +89,4 @@ def decode_control_image(
         raise ImageDecodeError(f"control image could not be decoded as {'/'.join(ALLOWED_FORMATS)}") from exc
     if gray.size != (width, height):
         gray = gray.resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(gray, dtype=np.float32) / 255.0  # (H, W)
+    return np.asarray(gray, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)

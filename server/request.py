@@ -11,7 +11,7 @@ from typing import Any
 
 from model.seeds import MAX_SEED, random_seed
 
-__all__ = ["MAX_SEED", "ResolvedRequest", "needs_guidance", "random_seed", "rows_for"]
+__all__ = ["MAX_SEED", "ControlNetInput", "ResolvedRequest", "needs_guidance", "random_seed", "rows_for"]
 
 
 def needs_guidance(guidance_scale: float, has_null_condition: bool) -> bool:
@@ -27,6 +27,17 @@ def needs_guidance(guidance_scale: float, has_null_condition: bool) -> bool:
 def rows_for(num_images: int, guided: bool) -> int:
     """Rows a request occupies in a forward pass: its images, twice with guidance (cond + uncond halves)."""
     return num_images * (2 if guided else 1)
+
+
+@dataclass(frozen=True)
+class ControlNetInput:
+    """One SD ControlNet a request uses (model.sd_controlnet): which, its image and its schedule."""
+
+    name: str  # a ControlNet of the model (ModelSpec.conditioning.control.controlnets)
+    image: Any  # float32 numpy (height, width, C) in [0, 1] at the request's pixel size
+    scale: float = 1.0  # conditioning_scale
+    guidance_start: float = 0.0  # the net applies from this fraction of the steps ...
+    guidance_end: float = 1.0  # ... to this one (diffusers' control_guidance_start/end)
 
 
 @dataclass
@@ -47,6 +58,7 @@ class ResolvedRequest:
     width: int
     height: int
     guided: bool  # whether rows carry an unconditional half (model.denoiser.needs_guidance)
+    controlnets: tuple[ControlNetInput, ...] = ()  # SD ControlNets (the toy models' map is ``control``)
     # Image-to-image and inpainting (model.img2img): the init image at (height, width), float32 numpy
     # (C, H, W) in [-1, 1]; the mask float32 (H, W) in {0, 1}, 1 = repaint; strength in (0, 1].
     image: Any = None

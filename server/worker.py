@@ -33,6 +33,7 @@ from model.denoiser import cfg_combine, clamp_x0
 from model.img2img import blend, image_start, inpainting_channels, latent_mask, strength_start
 from model.noise import RequestNoise
 from model.pipeline import Pipeline
+from model.sd_controlnet import ControlInput, pack_controls
 from server.request import ResolvedRequest, rows_for
 from server.rows import RowLayout
 
@@ -69,6 +70,7 @@ class RequestState:
     preview_every: int = 0  # keep the last x0 estimate for previews (the core asks every k evaluations)
     last_x0: torch.Tensor | None = None  # (n, C, H, W) of the last step, when preview_every > 0
     warnings: list[str] = field(default_factory=list)  # for the response (e.g. a truncated prompt)
+    controls: list[ControlInput] = field(default_factory=list)  # SD ControlNets (model.sd_controlnet)
     x_concat: torch.Tensor | None = None  # (rows, 1 + C, h, w): inpainting U-Net mask + masked latent
     known: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # blend mode: per image (x0, ε) (1, C, h, w)
     blend_mask: torch.Tensor | None = None  # (1, 1, h, w), 1 = repaint (blend mode)
@@ -79,7 +81,7 @@ class RequestState:
 
     @property
     def has_control(self) -> bool:
-        return self.control is not None
+        return self.control is not None or bool(self.controls)
 
 
 @dataclass(eq=False)
@@ -254,6 +256,7 @@ class Worker:
             context=context,
             control=control,
             control_scale=req.control_scale,
+            controls=self._controls(req),
             preview_every=preview_every,
             warnings=warnings,
             x_concat=x_concat,
@@ -294,6 +297,15 @@ class Worker:
         if known:
             blend_mask = latent_mask(mask, tuple(states[0].x.shape[-2:]))  # type: ignore[arg-type]
         return states, x_concat, known or None, blend_mask
+
+    def _controls(self, req: ResolvedRequest) -> list[ControlInput]:
+        """The request's SD ControlNets with their images on the device, (1, C, H, W) in [0, 1]."""
+        out = []
+        for c in getattr(req, "controlnets", ()):
+            image = self._to_device(torch.from_numpy(np.ascontiguousarray(c.image)))  # (H, W, C)
+            image = image.permute(2, 0, 1)[None].contiguous()  # (1, C, H, W)
+            out.append(ControlInput(c.name, image, c.scale, c.guidance_start, c.guidance_end))
+        return out
 
     # -- one engine step ----------------------------------------------------------------------
 
@@ -342,7 +354,9 @@ class Worker:
         class_labels = torch.cat([r.class_labels for r in requests]) if head.kind == "class" else None  # type: ignore[misc]
         context = torch.cat([r.context for r in requests]) if head.kind == "text" else None  # type: ignore[misc]
         denoiser, control, scale = head.denoiser, None, None
-        if layout.any_control:
+        if layout.any_control and head.control and head.control.get("controlnets"):
+            denoiser, control, scale = self._sd_controls(requests, x)
+        elif layout.any_control:
             denoiser = next(r for r in requests if r.control is not None).pipeline.denoiser
             zeros = x.new_zeros((1, 1, *x.shape[2:]))
             control = torch.cat(
@@ -355,6 +369,26 @@ class Worker:
         if requests[0].x_concat is not None:  # an inpainting U-Net: every row of the batch carries them
             x_concat = torch.cat([r.x_concat for r in requests])  # type: ignore[misc]  # (B, 1 + C, h, w)
         return self._forward(denoiser, x, sigma, class_labels, context, control, scale, x_concat)
+
+    @staticmethod
+    def _sd_controls(
+        requests: Sequence[RequestState], x: torch.Tensor
+    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """SD ControlNets of one pass: the denoiser with the nets any row uses, their images (B, ΣC, H, W)
+        and per-row, per-net scales (B, K): 0 for a net a row does not use or outside its guidance window
+        (the row's own step of its own grid), so such rows get exactly zero residuals."""
+        head = requests[0].pipeline
+        multi: Any = head.controlnet  # a MultiControlNet (or its torch.compile wrapper)
+        names = sorted({c.name for r in requests for c in r.controls})
+        denoiser = multi.denoiser_for(head.denoiser, names)
+        rows = []
+        for r in requests:
+            steps = [(st.i, len(st.sigmas) - 1) for st in r.states]  # per image: its step of its grid
+            for i, n in steps * (2 if r.guided else 1):  # cond rows, then uncond rows
+                rows.append((r.controls, i, n))
+        size = (x.shape[2] * head.vae_scale_factor, x.shape[3] * head.vae_scale_factor)  # pixels
+        cond, scale = pack_controls(denoiser.controlnet, rows, size)  # (B, ΣC, H, W), (B, K)
+        return denoiser, cond, scale
 
     def _combine(
         self,
@@ -541,7 +575,11 @@ class Worker:
             example["class_labels"] = torch.full((rows,), label, dtype=torch.long, device=dev)
         else:
             example["context"] = self._encode(p, [""])[0][0].expand(rows, -1, -1)  # (rows, L, D)
-        if p.controlnet is not None:
+        if p.control and p.control.get("controlnets"):  # SD: every net of the model, (rows, ΣC, H, W)
+            channels = getattr(p.controlnet, "channels", (1,))
+            example["control_cond"] = torch.zeros(rows, sum(channels), d.height, d.width, device=dev)
+            example["control_scale"] = torch.ones(rows, len(channels), device=dev)
+        elif p.controlnet is not None:
             example["control_cond"] = torch.zeros(rows, 1, d.height, d.width, device=dev)
             example["control_scale"] = torch.ones(rows, device=dev)
         extra = self._inpainting_channels(p)
