@@ -11,7 +11,15 @@ from typing import Any
 
 from model.seeds import MAX_SEED, random_seed
 
-__all__ = ["MAX_SEED", "ControlNetInput", "ResolvedRequest", "needs_guidance", "random_seed", "rows_for"]
+__all__ = [
+    "MAX_SEED",
+    "ControlNetInput",
+    "LoraRef",
+    "ResolvedRequest",
+    "needs_guidance",
+    "random_seed",
+    "rows_for",
+]
 
 
 def needs_guidance(guidance_scale: float, has_null_condition: bool) -> bool:
@@ -40,6 +48,15 @@ class ControlNetInput:
     guidance_end: float = 1.0  # ... to this one (diffusers' control_guidance_start/end)
 
 
+@dataclass(frozen=True)
+class LoraRef:
+    """One LoRA adapter a request applies (server.loras): registry name, user scale, file digest."""
+
+    name: str
+    scale: float
+    sha256: str  # of the file validated at admission (the engine loads exactly that file)
+
+
 @dataclass
 class ResolvedRequest:
     """A fully validated generation request with every default filled in."""
@@ -59,6 +76,7 @@ class ResolvedRequest:
     height: int
     guided: bool  # whether rows carry an unconditional half (model.denoiser.needs_guidance)
     controlnets: tuple[ControlNetInput, ...] = ()  # SD ControlNets (the toy models' map is ``control``)
+    loras: tuple[LoraRef, ...] = ()  # LoRA adapters applied to every row of the request (server.loras)
     # Image-to-image and inpainting (model.img2img): the init image at (height, width), float32 numpy
     # (C, H, W) in [-1, 1]; the mask float32 (H, W) in {0, 1}, 1 = repaint; strength in (0, 1].
     image: Any = None
@@ -66,6 +84,12 @@ class ResolvedRequest:
     strength: float = 1.0
     inpaint_mode: str | None = None  # "inpainting_unet" | "latent_blend" for inpainting requests
     notes: tuple[str, ...] = ()  # what validation changed (an image resized), returned as warnings
+
+    @property
+    def lora_key(self) -> tuple[tuple[str, str, float], ...]:
+        """(name, sha256, scale) of the request's adapters, in order: what its prompt encoding and rows depend
+        on beyond the model."""
+        return tuple((ref.name, ref.sha256, ref.scale) for ref in self.loras)
 
     @property
     def seeds(self) -> list[int]:
