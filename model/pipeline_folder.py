@@ -52,10 +52,15 @@ SERVED_PIPELINES: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
-# SD with its own ControlNet(s) in controlnet/ (model.sd_controlnet.paired_controlnets reads them)
+# SD / SDXL with their own ControlNet(s) in controlnet/ (model.sd_controlnet.paired_controlnets reads them)
+_CONTROLNET = ("ControlNetModel", "MultiControlNetModel")
 SERVED_PIPELINES["StableDiffusionControlNetPipeline"] = {
     **SERVED_PIPELINES["StableDiffusionPipeline"],
-    "controlnet": ("ControlNetModel", "MultiControlNetModel"),
+    "controlnet": _CONTROLNET,
+}
+SERVED_PIPELINES["StableDiffusionXLControlNetPipeline"] = {
+    **SERVED_PIPELINES["StableDiffusionXLPipeline"],
+    "controlnet": _CONTROLNET,
 }
 # SD inpainting folders (usually a 9-channel U-Net: latent + mask + masked-image latent, model.img2img) and SD
 # image-to-image folders: the same components; every SD folder serves txt2img, img2img and inpainting rows.

@@ -330,3 +330,67 @@ def test_cuda_graph_replay_with_multicontrolnet_matches_eager(weights) -> None:
             out = runner(xb, sb, context=cb, control_cond=kb, control_scale=scb)
             ref = p.denoiser(xb, sb, context=cb, control_cond=kb, control_scale=scb)
         assert torch.isfinite(out).all() and (out - ref).norm() / ref.norm() < 2e-3
+
+
+# -- SDXL ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def xl_folder(tmp_path_factory) -> Path:
+    """A tiny StableDiffusionXLControlNetPipeline folder (the SDXL test pipeline plus a ControlNet whose
+    encoder takes SDXL's added conditioning)."""
+    from tests.model.sdxl_helpers import _save, build_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("xl")
+    build_tiny_sdxl(root / "tiny-sdxl")
+    base = diffusers.StableDiffusionXLPipeline.from_pretrained(root / "tiny-sdxl")
+    cn = _controlnet(base.unet, 31)
+    assert cn.config.addition_embed_type == "text_time"
+    parts = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")}
+    pipe = diffusers.StableDiffusionXLControlNetPipeline(
+        **parts, controlnet=cn, force_zeros_for_empty_prompt=True
+    )
+    return _save(pipe, root / "tiny-sdxl-cn")
+
+
+@pytest.mark.parametrize(("start", "end"), [(0.0, 1.0), (0.3, 0.8)])
+def test_sdxl_controlnet_matches_diffusers(xl_folder, start, end) -> None:
+    from model.sdxl import conditioning_rows, time_ids, zero_uncond
+
+    p = load_pipelines(xl_folder.parent, [xl_folder.name])[xl_folder.name]
+    assert p.control and p.control["controlnets"] == ["controlnet"]
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    img = _control_image(8)
+    controls = [ControlInput("controlnet", _as_cond(img), 0.7, start, end)]
+    enc = p.text_encoder.encode_with_info([PROMPT, ""])
+    context, added = conditioning_rows(
+        (enc.states[0], enc.pooled[0]), (enc.states[1], enc.pooled[1]), time_ids(SIZE, SIZE), 1,
+        zeros=zero_uncond(None, p.force_zeros_for_empty_prompt),
+    )  # fmt: skip
+    sampler = get_sampler("euler", p.schedule.kind)
+    state = sampler.init(latents, sampler.make_sigmas(p.schedule, 6))
+    multi = p.controlnet
+    assert isinstance(multi, MultiControlNet)
+    with torch.no_grad():
+        while not sampler.done(state):
+            x, sigma = sampler.next_input(state)
+            cond, scale = pack_controls(multi, [(controls, state.i, 6)] * 2, (SIZE, SIZE))
+            sig = torch.as_tensor([float(sigma)] * 2, dtype=torch.float64)
+            x0 = p.denoiser(
+                torch.cat([x, x]),
+                sig,
+                context=context,
+                control_cond=cond,
+                control_scale=scale,
+                added_cond=added,
+            )
+            sampler.advance(state, cfg_combine(x0[:1], x0[1:], 5.0))
+        got = (p.vae.decode(sampler.result(state)) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        theirs = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(xl_folder)
+        assert type(theirs.scheduler).__name__ == "EulerDiscreteScheduler"  # the folder's, as p.defaults
+        want = theirs(
+            PROMPT, image=img, height=SIZE, width=SIZE, num_inference_steps=6, guidance_scale=5.0,
+            latents=latents.clone(), controlnet_conditioning_scale=0.7, control_guidance_start=start,
+            control_guidance_end=end, output_type="np",
+        ).images  # fmt: skip
+    _check(got, want)
