@@ -178,7 +178,7 @@ async def _resolve(body: GenerateRequest, state: ServerState, control: bytes | N
     inline — a pool hop costs more than checking a few fields, and under load it is GIL time the engine
     thread waits for."""
     assert state.ctx is not None
-    if control is None and body.control_image is None:
+    if control is None and body.control_image is None and not body.controlnets:
         return resolve_generate(body, state.ctx, None)
     return await run_in_threadpool(resolve_generate, body, state.ctx, control)
 

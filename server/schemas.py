@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.catalog import (
     ClassInfo,
@@ -25,7 +25,7 @@ from server.catalog import (
     SamplerList,
 )
 from server.imaging import ImageDecodeError, decode_base64, decode_control_image
-from server.request import MAX_SEED, ResolvedRequest, needs_guidance, random_seed, rows_for
+from server.request import MAX_SEED, ControlNetInput, ResolvedRequest, needs_guidance, random_seed, rows_for
 from server.settings import Settings
 
 __all__ = [
@@ -58,6 +58,24 @@ def field_error(field: str, message: str, value: Any = None) -> RequestValidatio
 # -- /generate ------------------------------------------------------------------------------------
 
 
+MAX_CONTROLNETS = 4  # ControlNets one request may use (each one more encoder pass over its rows)
+
+
+class ControlNetRequest(BaseModel):
+    """One SD ControlNet of a request (`controlnets` on /generate and /v1/jobs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(
+        None, max_length=128, description="A ControlNet of the model (/v1/models: conditioning.control."
+        "controlnets); optional when the model has one.",
+    )
+    image: str = Field(description="Base64 PNG/JPEG/WebP control image (RGB), resized to width x height.")
+    scale: float = Field(1.0, ge=0.0, le=4.0, description="conditioning_scale: strength of its residuals.")
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of the steps before it applies.")
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of the steps it stops after.")
+
+
 class GenerateRequest(BaseModel):
     """Body of POST /generate and POST /v1/jobs (JSON, or multipart with a ``control_image`` file)."""
 
@@ -71,6 +89,11 @@ class GenerateRequest(BaseModel):
     )
     control_image: str | None = Field(None, description="Base64 PNG/JPEG control map (ControlNet models).")
     control_scale: float = Field(1.0, ge=0.0, le=4.0)
+    controlnets: list[ControlNetRequest] | None = Field(
+        None, max_length=MAX_CONTROLNETS,
+        description="SD models: ControlNets with their control images, scales and guidance windows. "
+        "(control_image + control_scale is short for one entry on a model with one ControlNet.)",
+    )
     num_inference_steps: int | None = Field(None, ge=1, description=STEPS_CAP)
     sampler: str | None = Field(None, max_length=64)
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description="1 disables guidance.")
@@ -83,6 +106,19 @@ class GenerateRequest(BaseModel):
         description="Jobs only: a `preview` event (small PNG of the current estimate) every k steps on the "
         "job's event stream; 0 = none.",
     )
+
+    @field_validator("controlnets", mode="before")
+    @classmethod
+    def _controlnets_json(cls, v: Any) -> Any:
+        """Multipart forms carry ``controlnets`` as a JSON string."""
+        if isinstance(v, str):
+            import json
+
+            try:
+                return json.loads(v)
+            except ValueError as exc:
+                raise ValueError("controlnets: not valid JSON") from exc
+        return v
 
 
 class Timings(BaseModel):
@@ -252,6 +288,10 @@ def resolve_generate(
     has_control = req.control_image is not None or control_bytes is not None
     if has_control and cond.control is None:
         raise field_error("control_image", f"model {spec.id!r} has no ControlNet; it takes no control image")
+    sd_controlnets = (cond.control.controlnets or []) if cond.control is not None else []
+    if req.controlnets and not sd_controlnets:
+        why = "send control_image" if cond.control is not None else "it takes no control images"
+        raise field_error("controlnets", f"model {spec.id!r} has no Stable Diffusion ControlNets; {why}")
 
     sampler_name = req.sampler or spec.defaults.sampler
     try:
@@ -288,7 +328,10 @@ def resolve_generate(
         )
 
     control = None
-    if has_control:
+    controlnets: tuple[ControlNetInput, ...] = ()
+    if sd_controlnets:
+        controlnets = _resolve_controlnets(req, sd_controlnets, spec.id, width, height, s, control_bytes)
+    elif has_control:
         try:
             data = control_bytes
             if data is None:
@@ -315,7 +358,59 @@ def resolve_generate(
         width=width,
         height=height,
         guided=guided,
+        controlnets=controlnets,
     )
+
+
+def _resolve_controlnets(
+    req: GenerateRequest, names: list[str], model: str, width: int, height: int, s: Settings,
+    control_bytes: bytes | None,
+) -> tuple[ControlNetInput, ...]:
+    """The request's SD ControlNets, images decoded to RGB (height, width, 3) in [0, 1]. ``control_image``
+    (+ ``control_scale``) is one entry for a model with one ControlNet."""
+    entries = list(req.controlnets or [])
+    if req.control_image is not None or control_bytes is not None:
+        if entries:
+            raise field_error("control_image", "send either control_image or controlnets, not both")
+        if len(names) > 1:
+            raise field_error(
+                "control_image",
+                f"model {model!r} has several ControlNets ({', '.join(names)}): send controlnets with names",
+            )
+        entries = [ControlNetRequest(name=names[0], image=req.control_image or "", scale=req.control_scale)]
+    out, seen = [], set()
+    for i, e in enumerate(entries):
+        where = f"controlnets[{i}]" if req.controlnets else "control_image"
+        name = e.name
+        if name is None:
+            if len(names) > 1:
+                raise field_error(f"{where}.name", f"model {model!r} has several ControlNets: one of {names}")
+            name = names[0]
+        if name not in names:
+            message = f"unknown ControlNet {name!r} for model {model!r}; one of {names}"
+            raise field_error(f"{where}.name", message, name)
+        if name in seen:
+            raise field_error(f"{where}.name", f"ControlNet {name!r} is named twice", name)
+        seen.add(name)
+        if e.guidance_start >= e.guidance_end:
+            raise field_error(
+                f"{where}.guidance_end",
+                f"guidance_end ({e.guidance_end}) must be greater than guidance_start ({e.guidance_start})",
+                e.guidance_end,
+            )
+        try:
+            data = control_bytes if (control_bytes is not None and not req.controlnets) else None
+            if data is None:
+                data = decode_base64(e.image, s.max_control_image_bytes)
+            image = decode_control_image(
+                data, width=width, height=height, max_bytes=s.max_control_image_bytes,
+                max_pixels=s.max_control_image_pixels, mode="RGB",
+            )
+        except ImageDecodeError as exc:
+            field = "control_image" if not req.controlnets else f"{where}.image"
+            raise field_error(field, str(exc)) from None
+        out.append(ControlNetInput(name, image, e.scale, e.guidance_start, e.guidance_end))
+    return tuple(out)
 
 
 _SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
