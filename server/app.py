@@ -7,6 +7,7 @@ are loaded and warmed (and then 200); shutdown stops admitting, drains running r
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.client import EngineClient, EngineLoadError, InprocClient
+from server.devices import DevicesError, engine_devices, engine_settings
 from server.lifecycle import RequestManager
 from server.metrics import Metrics
 from server.schemas import ValidationContext
@@ -92,7 +94,7 @@ def use_engine_process(settings: Settings) -> bool:
     if settings.engine_mode != "auto":
         return settings.engine_mode == "process"
     if settings.device != "auto":
-        return settings.device == "cuda"
+        return settings.device.startswith("cuda")
     return any(Path("/dev").glob("nvidia[0-9]*"))
 
 
@@ -147,43 +149,93 @@ def create_app(
     metrics = Metrics()
     state = ServerState(settings=settings, metrics=metrics)
 
-    async def load_and_start() -> None:
-        client: EngineClient
+    def make_client(engine_settings: Settings) -> EngineClient:
         if use_engine_process(settings):
             from server.engine_process import ProcessClient
 
-            client = ProcessClient(settings, text_encoder_loader)
-        else:
-            client = InprocClient(settings, text_encoder_loader)
-        state.client = client
+            return ProcessClient(engine_settings, text_encoder_loader)
+        return InprocClient(engine_settings, text_encoder_loader)
+
+    async def load_and_start() -> None:
         try:
-            imports = asyncio.ensure_future(asyncio.to_thread(_import_for_validation))
-            info = await asyncio.to_thread(client.load)
-            await imports
-        except Exception as exc:  # noqa: BLE001 — reported by /health/ready, logged with traceback
-            log.exception("model loading failed")
-            own = isinstance(exc, EngineLoadError)  # its message already names the underlying exception
-            state.load_error = str(exc) if own else f"{type(exc).__name__}: {exc}"
+            devices = engine_devices(settings)
+        except DevicesError as exc:
+            log.error("%s", exc)
+            state.load_error = str(exc)
             return
+        pinned = len(devices) > 1 or settings.devices.strip().lower() != "auto"
+        clients = [make_client(engine_settings(settings, d) if pinned else settings) for d in devices]
+        state.clients = clients
+        state.client = clients[0]
+        need = min(settings.min_engines or len(clients), len(clients))
+        imports = asyncio.ensure_future(asyncio.to_thread(_import_for_validation))
+        # Every engine loads at once (each in its own process on CUDA): start-up takes the slowest load,
+        # not the sum.
+        loads: list[asyncio.Future[LoadInfo]] = [
+            asyncio.ensure_future(asyncio.to_thread(c.load)) for c in clients
+        ]
+        index: dict[asyncio.Future[LoadInfo], int] = {f: i for i, f in enumerate(loads)}
+        infos: dict[int, LoadInfo] = {}
+        errors: dict[int, str] = {}
+        pending: set[asyncio.Future[LoadInfo]] = set(loads)
+        while pending and len(infos) < need and len(errors) <= len(clients) - need:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for f in done:
+                i = index[f]
+                try:
+                    infos[i] = f.result()
+                except Exception as exc:  # noqa: BLE001 — reported by /health/ready, logged with traceback
+                    log.error("engine %d (%s): model loading failed", i, devices[i], exc_info=exc)
+                    own = isinstance(exc, EngineLoadError)  # its message names the underlying exception
+                    errors[i] = str(exc) if own else f"{type(exc).__name__}: {exc}"
+        if len(infos) < need:
+            for f in pending:
+                clients[index[f]].kill()
+            if len(clients) == 1:
+                state.load_error = errors[0]
+            else:
+                failed = sorted(errors.items())
+                state.load_error = "; ".join(f"engine {i} ({devices[i]}): {m}" for i, m in failed)
+            return
+        await imports
+        info = infos[min(infos)]
         apply_load_info(state, info)
         class_names = {
             name: [c.name for c in spec.conditioning.classes or []] for name, spec in info.models.items()
         }
         engine = RequestManager(
-            client,
+            clients,
             metrics,
             settings.max_queue_size,
             settings.max_finished_jobs,
             class_names=class_names,
-            max_rows=settings.batch_rows if settings.shed_load else None,
+            max_rows=settings.batch_rows,
+            devices=devices if pinned else [info.device],
+            shed=settings.shed_load,
         )
-        if info.device.startswith("cuda"):
-            metrics.set_gpu_memory_source(lambda: engine.gpu_bytes)
-        engine.start(asyncio.get_running_loop())
+        for i, message in errors.items():
+            engine.engine_failed(i, message)
+        for e in engine.engines:
+            if e.device.startswith("cuda"):
+                metrics.set_gpu_memory_source(e.label, e.device, functools.partial(getattr, e, "gpu_bytes"))
+        metrics.engines_serving.set_function(lambda: sum(e.client.serving for e in engine.engines))
+        engine.start(asyncio.get_running_loop(), loaded=infos)
         state.engine = engine
         state.ready = True
         served = ", ".join(sorted(state.models))
-        log.info("ready: serving %s on %s; /health/ready answers 200", served, info.device)
+        on = ", ".join(devices[i] for i in sorted(infos)) if pinned else info.device
+        log.info("ready: serving %s on %s; /health/ready answers 200", served, on)
+        for f in pending:  # engines still loading join when they are ready (or are reported failed)
+            f.add_done_callback(functools.partial(late_load, engine, index[f]))
+
+    def late_load(engine: RequestManager, i: int, f: asyncio.Future) -> None:
+        try:
+            f.result()
+        except Exception as exc:  # noqa: BLE001 — reported by /health/ready, logged with traceback
+            log.error("engine %d: model loading failed", i, exc_info=exc)
+            engine.engine_failed(i, str(exc))
+            return
+        engine.engine_loaded(i)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -196,8 +248,9 @@ def create_app(
                 state.load_task.cancel()
             if state.engine is not None:
                 await state.engine.stop(drain_timeout=min(30.0, settings.request_timeout_seconds))
-            elif state.client is not None:  # shut down while the engine was loading
-                state.client.kill()
+            else:  # shut down while the engines were loading
+                for client in state.clients:
+                    client.kill()
 
     app = FastAPI(
         title="unet-server",

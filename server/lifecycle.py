@@ -3,7 +3,10 @@
 ``RequestManager`` is what routes talk to, whichever transport runs the engine core (a thread of this
 process or an engine process: ``server.client.EngineClient``). It owns, once for both:
 
-- admission: the queue bound (429 with a Retry-After estimate) and 503 while the engine is unavailable;
+- admission: the queue bound (429 with a Retry-After estimate), shedding of requests that would miss their
+  deadline, and 503 while no engine is available;
+- routing: with several engine cores (one per GPU, ``UNET_SERVER_DEVICES``) each request goes to the engine
+  where it should finish soonest (see ``_route``); a request stays on its engine for its whole life;
 - the ``Task`` of every request in flight: status queued -> running -> completed / failed / cancelled,
   queue position, step counts, the SSE subscribers, the job table and its trimming;
 - cancel rules (a request can be cancelled until its sampling is done);
@@ -22,15 +25,15 @@ import base64
 import logging
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from server.client import EngineClient
+from server.client import EngineClient, EngineSink
 from server.imaging import to_png, to_pngs
 from server.messages import (
     AddRequest,
@@ -103,6 +106,7 @@ class Task:
     error_message: str | None = None
     error_id: str | None = None
     warnings: list[str] = field(default_factory=list)  # said in the response (e.g. a truncated prompt)
+    engine: Engine | None = None  # the engine core the request was routed to
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     _subscribers: list[asyncio.Queue] = field(default_factory=list)
     _last_progress: dict[str, Any] | None = None
@@ -181,23 +185,86 @@ class Task:
         self.publish("cancelled")
 
 
+def batch_key(request: ResolvedRequest) -> tuple[str, int, int]:
+    """Requests with the same key can share a forward pass (same U-Net, same latent shape)."""
+    return (request.model, request.height, request.width)
+
+
+@dataclass(eq=False)
+class Engine:
+    """One engine core behind its client, with what admission knows of its load (event-loop thread only)."""
+
+    index: int
+    device: str
+    client: EngineClient
+    rows: int = 0  # rows of the live requests routed here
+    work: float = 0.0  # row-steps this engine still owes them (estimated)
+    forward_ewma: float = 0.05  # seconds per forward pass (Retry-After)
+    period_ewma: float | None = None  # seconds from one busy step to the next, once measured
+    gpu_bytes: float = 0.0
+    batches: Counter[tuple[str, int, int]] = field(default_factory=Counter)  # batch_key of live requests
+    started: bool = False  # loaded and started (an engine may still be loading when the server serves)
+    load_error: str | None = None  # why it failed to load
+
+    @property
+    def label(self) -> str:
+        return str(self.index)
+
+    @property
+    def failure(self) -> str | None:
+        """Why this engine is down for good, else None."""
+        return self.load_error or (self.client.failure if self.started else None)
+
+    def state(self) -> str:
+        """"serving", "loading", "failed" (down for good) or "restarting" (a replacement is starting)."""
+        if self.failure:
+            return "failed"
+        if not self.started:
+            return "loading"
+        return "serving" if self.client.serving else "restarting"
+
+
+class _EngineSink(EngineSink):
+    """What one engine's client reports, tagged with that engine."""
+
+    def __init__(self, manager: RequestManager, engine: Engine) -> None:
+        self.manager, self.engine = manager, engine
+
+    def on_outputs(self, out: EngineOutputs) -> None:
+        self.manager.on_outputs(out, self.engine)
+
+    def on_lost(self, message: str, error_id: str) -> None:
+        self.manager.on_lost(message, error_id, self.engine)
+
+
 class RequestManager:
-    """Owns every request's life on the event loop; talks to the engine core through ``client``."""
+    """Owns every request's life on the event loop; talks to the engine cores through their clients."""
 
     def __init__(
         self,
-        client: EngineClient,
+        clients: EngineClient | Sequence[EngineClient],
         metrics: Metrics,
         max_queue_size: int,
         max_finished_jobs: int = 1000,
         class_names: Mapping[str, list[str]] | None = None,
         max_rows: int | None = None,
+        devices: Sequence[str] | None = None,
+        shed: bool = True,
     ) -> None:
-        """``class_names``: per model, for the PNG parameters of class-conditional images. ``max_rows``: the
-        engine's rows per forward pass; given, admission sheds requests that could not meet their deadline
-        (see ``estimated_seconds``)."""
-        self.client = client
+        """``clients``: one per engine core (``devices`` names their devices, for metrics and readiness).
+        ``class_names``: per model, for the PNG parameters of class-conditional images. ``max_rows``: an
+        engine's rows per forward pass; given, routing and admission estimate finish times from it, and with
+        ``shed`` admission refuses requests that could not meet their deadline (see ``estimated_seconds``)."""
+        if not isinstance(clients, Sequence):
+            clients = [clients]
+        if not clients:
+            raise ValueError("at least one engine client")
+        devices = list(devices) if devices is not None else ["" for _ in clients]
+        if len(devices) != len(clients):
+            raise ValueError(f"{len(clients)} engine clients but {len(devices)} devices")
+        self.engines = [Engine(i, d, c) for i, (c, d) in enumerate(zip(clients, devices, strict=True))]
         self.max_rows = max_rows
+        self.shed = shed
         self.class_names = dict(class_names or {})
         self.metrics = metrics
         self.max_queue_size = max_queue_size
@@ -206,30 +273,62 @@ class RequestManager:
         self._live: dict[str, Task] = {}  # submitted, not terminal, not yet handed to PNG encoding
         self._queued: OrderedDict[str, Task] = OrderedDict()  # not started, in arrival order
         self._rows = 0  # rows of the requests in ``_live`` (the outstanding-rows gauge)
-        self._forward_ewma = 0.05  # seconds per forward pass, for Retry-After
-        self._period_ewma: float | None = None  # seconds from one busy step to the next (load shedding)
-        self._work = 0.0  # row-steps the engine still owes the requests in ``_live`` (estimated)
         self._accepting = False
         self._stopping = False
-        self.gpu_bytes = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def client(self) -> EngineClient:
+        """The first engine's client (the only one with a single engine)."""
+        return self.engines[0].client
+
+    @property
+    def gpu_bytes(self) -> float:
+        """GPU memory allocated, summed over the engines (as last reported)."""
+        return sum(e.gpu_bytes for e in self.engines)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start the engine client; its outputs arrive on ``loop`` (``on_outputs`` / ``on_lost``)."""
-        self.client.start(loop, self)
+    def start(self, loop: asyncio.AbstractEventLoop, loaded: Collection[int] | None = None) -> None:
+        """Start the engine clients (those in ``loaded``, default all); their outputs arrive on ``loop``
+        (``on_outputs`` / ``on_lost``). Engines still loading join later through ``engine_loaded``."""
+        self._loop = loop
+        for e in self.engines:
+            if loaded is None or e.index in loaded:
+                self._start_engine(e)
         self._accepting = True
 
+    def _start_engine(self, e: Engine) -> None:
+        assert self._loop is not None
+        e.client.start(self._loop, _EngineSink(self, e))
+        e.started = True
+
+    def engine_loaded(self, index: int) -> None:
+        """An engine that was still loading when serving began is ready: it takes requests from now on."""
+        e = self.engines[index]
+        if self._stopping:
+            e.client.kill()
+            return
+        self._start_engine(e)
+        log.info("engine %d (%s) is ready and serving", index, e.device)
+
+    def engine_failed(self, index: int, message: str) -> None:
+        """An engine failed to load: it is reported (readiness) and never routed to."""
+        self.engines[index].load_error = message
+
     async def stop(self, drain_timeout: float = 30.0) -> None:
-        """Stop admitting, let requests in flight finish (up to ``drain_timeout``), then stop the engine;
-        whatever it had not finished fails with 503."""
+        """Stop admitting, let requests in flight finish (up to ``drain_timeout``), then stop the engines;
+        whatever they had not finished fails with 503."""
         self._accepting = False
         self._stopping = True
         deadline = time.monotonic() + drain_timeout
-        while self._live and self.client.serving and time.monotonic() < deadline:
+        while self._live and self.running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        await self.client.stop()
-        await asyncio.sleep(0)  # the client's last callbacks
+        for e in self.engines:
+            if not e.started:
+                e.client.kill()  # still loading (or failed to)
+        await asyncio.gather(*(e.client.stop() for e in self.engines if e.started))
+        await asyncio.sleep(0)  # the clients' last callbacks
         for task in list(self._live.values()):
             self._forget(task)
             task.fail(503, SHUTTING_DOWN)
@@ -237,18 +336,36 @@ class RequestManager:
 
     @property
     def running(self) -> bool:
-        """The engine serves (loaded, warmed, not restarting)."""
-        return self.client.serving
+        """At least one engine serves (loaded, warmed, not restarting)."""
+        return any(e.client.serving for e in self.engines)
 
     @property
     def failure(self) -> str | None:
-        """Why the engine is down for good (readiness reports it), else None."""
-        return self.client.failure
+        """Why every engine is down for good (readiness reports it), else None."""
+        failures = [e.failure for e in self.engines]
+        if any(f is None for f in failures):
+            return None
+        if len(self.engines) == 1:
+            return failures[0]
+        return "; ".join(f"engine {e.label} ({e.device}): {e.failure}" for e in self.engines)
 
     @property
     def idle(self) -> bool:
         """No request in flight on the serving side."""
         return not self._live
+
+    def engine_states(self) -> list[dict[str, Any]]:
+        """Per engine: index, device, state (serving / restarting / failed), the failure, outstanding rows."""
+        return [
+            {
+                "engine": e.index,
+                "device": e.device,
+                "state": e.state(),
+                "failure": e.failure,
+                "outstanding_rows": e.rows,
+            }
+            for e in self.engines
+        ]
 
     # -- API for routes -----------------------------------------------------------------------
 
@@ -260,19 +377,21 @@ class RequestManager:
         is_job: bool = False,
         preview_every: int = 0,
     ) -> Task:
-        """Admit a request; raises QueueFull (429) or EngineStopped (503)."""
+        """Admit a request and route it to an engine; raises QueueFull (429), Overloaded or EngineStopped
+        (503)."""
         if self._stopping or not self._accepting:
             raise EngineStopped(SHUTTING_DOWN)
-        if not self.client.serving:
-            failure = self.client.failure
+        serving = [e for e in self.engines if e.client.serving]
+        if not serving:
+            failure = self.failure
             raise EngineStopped(
                 f"the engine is down: {failure}" if failure else "the engine is restarting; retry shortly"
             )
         waiting, limit = len(self._queued), self.max_queue_size
         if waiting >= limit:
             raise QueueFull(f"{waiting} requests are waiting (max_queue_size={limit})")
-        estimate = self.estimated_seconds(request)
-        if estimate is not None and estimate > SHED_MARGIN * timeout:
+        engine, estimate = self._route(request, serving)
+        if self.shed and estimate is not None and estimate > SHED_MARGIN * timeout:
             self.metrics.shed_requests_total.inc()
             raise Overloaded(
                 f"the server is overloaded: this request would take about {estimate:.1f} s, past its "
@@ -288,16 +407,19 @@ class RequestManager:
             created_wall=time.time(),
             preview_every=preview_every,
             total_steps=request.num_inference_steps,
+            engine=engine,
         )
         message = AddRequest(
             task.id, request, task.created, timeout, progress=is_job, preview_every=preview_every
         )
-        if not self.client.send(message):
+        if not engine.client.send(message):
             raise EngineStopped("the engine is restarting; retry shortly")
         self._live[task.id] = task
         self._queued[task.id] = task
         self._rows += request.rows
-        self._work += request.rows * request.num_inference_steps
+        engine.rows += request.rows
+        engine.work += request.rows * request.num_inference_steps
+        engine.batches[batch_key(request)] += 1
         if is_job:
             self.jobs[task.id] = task
             self._trim_jobs()
@@ -310,52 +432,95 @@ class RequestManager:
         task = self._live.get(task_id)
         if task is None or task.done or task.sampling_done:
             return False
-        self.client.send(CancelRequest(task_id))
+        assert task.engine is not None
+        task.engine.client.send(CancelRequest(task_id))
         self._forget(task)
         self._gauges()
         task.cancel()
         return True
 
     def queue_position(self, task_id: str) -> int | None:
-        """How many waiting requests arrived before this one; None once it has started or left."""
-        if task_id not in self._queued:
+        """How many waiting requests on the same engine arrived before this one; None once it has started
+        or left."""
+        task = self._queued.get(task_id)
+        if task is None:
             return None
-        return list(self._queued).index(task_id)
+        ahead = 0
+        for other in self._queued.values():
+            if other is task:
+                return ahead
+            ahead += other.engine is task.engine
+        return ahead
 
     def estimated_seconds(self, request: ResolvedRequest) -> float | None:
-        """Seconds until ``request`` would finish if admitted now, or None before the engine has been
-        measured busy (no shedding on a guess).
+        """Seconds until ``request`` would finish if admitted now (on the engine it would be routed to), or
+        None before that engine has been measured busy (no shedding on a guess)."""
+        serving = [e for e in self.engines if e.client.serving] or self.engines
+        return self._route(request, serving)[1]
+
+    def _finish_seconds(self, engine: Engine, request: ResolvedRequest) -> float | None:
+        """Seconds until ``request`` would finish on ``engine``, or None before it has been measured busy.
 
         The engine does ``max_rows`` row-steps per busy step period. Work ahead: the row-steps still owed
-        to the requests in flight (their rows x steps at admission, less the rows of every step run since).
-        The request finishes no sooner than its own steps take, and no sooner than the work ahead plus its
-        own at full-batch throughput. Heun-type samplers take two evaluations per step: their time is
-        under-estimated by up to half (the deadline still bounds them).
+        to the requests in flight there (their rows x steps at admission, less the rows of every step run
+        since). The request finishes no sooner than its own steps take, and no sooner than the work ahead
+        plus its own at full-batch throughput. Heun-type samplers take two evaluations per step: their time
+        is under-estimated by up to half (the deadline still bounds them).
         """
-        if self.max_rows is None or self._period_ewma is None:
+        if self.max_rows is None or engine.period_ewma is None:
             return None
         own = request.rows * request.num_inference_steps
-        throughput = self.max_rows / self._period_ewma  # row-steps per second when full
-        return max(request.num_inference_steps * self._period_ewma, (max(0.0, self._work) + own) / throughput)
+        throughput = self.max_rows / engine.period_ewma  # row-steps per second when full
+        return max(request.num_inference_steps * engine.period_ewma, (engine.work + own) / throughput)
+
+    def _route(self, request: ResolvedRequest, serving: list[Engine]) -> tuple[Engine, float | None]:
+        """The engine where ``request`` should finish soonest, and that finish estimate (None: unmeasured).
+
+        Cost of an engine: its outstanding rows after admitting the request, times its measured step
+        period (an engine not yet measured counts at the mean of the measured ones; none measured: rows
+        alone). An engine already holding a request of the same batch key (same U-Net and shape) with room in
+        its passes does not count the new rows: they join passes that run anyway. Ties go to the compatible
+        engine, then to the lower index. So requests spread by load, and fill compatible batches where that
+        costs nothing.
+        """
+        if len(serving) == 1:
+            return serving[0], self._finish_seconds(serving[0], request)
+        key = batch_key(request)
+        measured = [e.period_ewma for e in serving if e.period_ewma is not None]
+        default_period = sum(measured) / len(measured) if measured else 1.0
+
+        def order(e: Engine) -> tuple[float, bool, int]:
+            period = e.period_ewma if e.period_ewma is not None else default_period
+            compatible = key in e.batches
+            joins = compatible and (self.max_rows is None or e.rows + request.rows <= self.max_rows)
+            rows = e.rows + (0 if joins else request.rows)
+            return rows * period, not compatible, e.index
+
+        best = min(serving, key=order)
+        return best, self._finish_seconds(best, request)
 
     def retry_after(self) -> int:
         """Seconds a rejected client should wait: a rough time to drain the waiting requests' first step."""
-        return max(1, min(RETRY_AFTER_MAX_S, int(len(self._queued) * self._forward_ewma) + 1))
+        serving = [e for e in self.engines if e.client.serving] or self.engines
+        forward = sum(e.forward_ewma for e in serving) / len(serving)
+        return max(1, min(RETRY_AFTER_MAX_S, int(len(self._queued) * forward / len(serving)) + 1))
 
-    # -- the engine's outputs (EngineSink) ----------------------------------------------------
+    # -- the engines' outputs (via _EngineSink) -----------------------------------------------
 
-    def on_outputs(self, out: EngineOutputs) -> None:
-        """Apply one loop turn's outputs of the core: metrics, then events in order."""
+    def on_outputs(self, out: EngineOutputs, engine: Engine | None = None) -> None:
+        """Apply one loop turn's outputs of an engine core: metrics, then events in order."""
+        e = engine if engine is not None else self.engines[0]
         m = self.metrics
+        labels = (e.label, e.device)
         for s in out.steps:
-            self._forward_ewma = 0.9 * self._forward_ewma + 0.1 * s.forward_seconds
-            self._work = max(0.0, self._work - s.rows)
+            e.forward_ewma = 0.9 * e.forward_ewma + 0.1 * s.forward_seconds
+            e.work = max(0.0, e.work - s.rows)
             if s.period_seconds > 0:
-                p = self._period_ewma
-                self._period_ewma = s.period_seconds if p is None else 0.9 * p + 0.1 * s.period_seconds
-            m.forward_duration_seconds.observe(s.forward_seconds)
-            m.rows_per_forward.observe(s.rows)
-            m.padded_rows_per_forward.observe(s.padded_rows)
+                p = e.period_ewma
+                e.period_ewma = s.period_seconds if p is None else 0.9 * p + 0.1 * s.period_seconds
+            m.forward_duration_seconds.labels(*labels).observe(s.forward_seconds)
+            m.rows_per_forward.labels(*labels).observe(s.rows)
+            m.padded_rows_per_forward.labels(*labels).observe(s.padded_rows)
             for model, rows in s.evaluations:
                 m.model_evaluations_total.labels(model).inc(rows)
         if out.faults:
@@ -367,10 +532,10 @@ class RequestManager:
         if out.prompt_cache_misses:
             m.prompt_cache_total.labels("miss").inc(out.prompt_cache_misses)
         if out.gpu_bytes is not None:
-            self.gpu_bytes = out.gpu_bytes
+            e.gpu_bytes = out.gpu_bytes
         for event in out.events:
             task = self._live.get(event.request_id)
-            if task is None:  # cancelled here, or already failed
+            if task is None or task.engine is not e:  # cancelled here, or already failed
                 continue
             if isinstance(event, Started):
                 self._queued.pop(task.id, None)
@@ -393,12 +558,16 @@ class RequestManager:
                 task.fail(event.status, event.message, event.error_id)
         self._gauges()
 
-    def on_lost(self, message: str, error_id: str) -> None:
-        """The engine went away (its process exited): every request in flight fails with a 500."""
+    def on_lost(self, message: str, error_id: str, engine: Engine | None = None) -> None:
+        """An engine went away (its process exited): the requests in flight on it fail with a 500; the
+        other engines' requests are untouched."""
+        e = engine if engine is not None else self.engines[0]
         self.metrics.engine_errors_total.inc()
         for task in list(self._live.values()):
-            self._forget(task)
-            task.fail(500, f"internal error: {message} (error id {error_id})", error_id)
+            if task.engine is e:
+                self._forget(task)
+                task.fail(500, f"internal error: {message} (error id {error_id})", error_id)
+        e.period_ewma = None  # its replacement starts unmeasured
         self._gauges()
 
     # -- internals ----------------------------------------------------------------------------
@@ -406,15 +575,22 @@ class RequestManager:
     def _forget(self, task: Task) -> None:
         """Out of flight (terminal, or handed to PNG encoding); the caller updates the gauges."""
         if self._live.pop(task.id, None) is not None:
+            e = task.engine
+            assert e is not None
             self._rows -= task.request.rows
+            e.rows -= task.request.rows
+            key = batch_key(task.request)
+            e.batches[key] -= 1
+            if e.batches[key] <= 0:
+                del e.batches[key]
             steps = task.request.num_inference_steps
             if task.started is None:  # never ran: all its work leaves with it
-                self._work -= task.request.rows * steps
+                e.work -= task.request.rows * steps
             elif not task.sampling_done:  # left mid-run (cancelled, failed, expired): its remaining steps
-                done = (time.monotonic() - task.started) / self._period_ewma if self._period_ewma else 0.0
-                self._work = max(0.0, self._work - task.request.rows * max(0.0, steps - done))
-            if not self._live:
-                self._work = 0.0  # nothing owed: drop what the estimate drifted by (cancels mid-run)
+                done = (time.monotonic() - task.started) / e.period_ewma if e.period_ewma else 0.0
+                e.work = max(0.0, e.work - task.request.rows * max(0.0, steps - done))
+            if e.rows == 0:
+                e.work = 0.0  # nothing owed: drop what the estimate drifted by (cancels mid-run)
         self._queued.pop(task.id, None)
 
     def _gauges(self) -> None:
@@ -422,6 +598,10 @@ class RequestManager:
         m.queue_size.set(len(self._queued))
         m.running_requests.set(len(self._live) - len(self._queued))
         m.outstanding_rows.set(self._rows)
+        queued = Counter(t.engine.index for t in self._queued.values() if t.engine is not None)
+        for e in self.engines:
+            m.engine_outstanding_rows.labels(e.label, e.device).set(e.rows)
+            m.engine_queue_size.labels(e.label, e.device).set(queued[e.index])
 
     def _trim_jobs(self) -> None:
         finished = [k for k, t in self.jobs.items() if t.done]

@@ -18,6 +18,8 @@ _FORWARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Per-engine series: the engine's index (0, 1, ...) and its device ("cuda:0", "cpu").
+ENGINE_LABELS = ("engine", "device")
 
 
 class Metrics:
@@ -57,24 +59,43 @@ class Metrics:
             "Rows of admitted requests, waiting and running; the load signal for autoscaling.",
             registry=r,
         )
+        self.engine_outstanding_rows = Gauge(
+            "unet_server_engine_outstanding_rows",
+            "Rows of admitted requests routed to one engine, waiting and running.",
+            ENGINE_LABELS,
+            registry=r,
+        )
+        self.engine_queue_size = Gauge(
+            "unet_server_engine_queue_size",
+            "Admitted requests routed to one engine and not yet in any of its forward passes.",
+            ENGINE_LABELS,
+            registry=r,
+        )
+        self.engines_serving = Gauge(
+            "unet_server_engines_serving", "Engine cores serving now (loaded, warmed, not restarting).",
+            registry=r,
+        )
         self.running_requests = Gauge(
             "unet_server_running_requests", "Requests sampling now (started, not finished).", registry=r
         )
         self.rows_per_forward = Histogram(
             "unet_server_rows_per_forward",
             "Real rows (images x CFG halves, without padding) in one U-Net forward pass.",
+            ENGINE_LABELS,
             buckets=_ROW_BUCKETS,
             registry=r,
         )
         self.padded_rows_per_forward = Histogram(
             "unet_server_padded_rows_per_forward",
             "Rows of one forward pass after padding to its batch bucket.",
+            ENGINE_LABELS,
             buckets=_ROW_BUCKETS,
             registry=r,
         )
         self.forward_duration_seconds = Histogram(
             "unet_server_forward_duration_seconds",
             "Wall time of one engine step (gather, denoiser forward, CFG, sampler advance).",
+            ENGINE_LABELS,
             buckets=_FORWARD_BUCKETS,
             registry=r,
         )
@@ -110,15 +131,17 @@ class Metrics:
         # Created by set_gpu_memory_source when the device is CUDA; absent on CPU.
         self.gpu_memory_allocated_bytes: Gauge | None = None
 
-    def set_gpu_memory_source(self, read: Callable[[], float]) -> None:
-        """Expose ``unet_server_gpu_memory_allocated_bytes``, sampled from ``read`` at scrape time."""
+    def set_gpu_memory_source(self, engine: str, device: str, read: Callable[[], float]) -> None:
+        """Expose ``unet_server_gpu_memory_allocated_bytes`` for one engine, sampled from ``read`` at scrape
+        time."""
         if self.gpu_memory_allocated_bytes is None:
             self.gpu_memory_allocated_bytes = Gauge(
                 "unet_server_gpu_memory_allocated_bytes",
-                "torch.cuda.memory_allocated() on the serving device.",
+                "torch.cuda.memory_allocated() of an engine on its device.",
+                ENGINE_LABELS,
                 registry=self.registry,
             )
-        self.gpu_memory_allocated_bytes.set_function(read)
+        self.gpu_memory_allocated_bytes.labels(engine, device).set_function(read)
 
     def render(self) -> bytes:
         """The text exposition format of this registry."""

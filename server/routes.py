@@ -570,7 +570,7 @@ async def ready(request: Request) -> Response:
     if state.ready and state.engine is not None and state.engine.running:
         unavailable = [u.model_dump() for u in _unavailable(state)]
         body = {"status": "ready", "models": sorted(state.models), "device": state.device}
-        return JSONResponse({**body, "unavailable": unavailable})
+        return JSONResponse({**body, "unavailable": unavailable, "engines": state.engine.engine_states()})
     failure = state.load_error or getattr(state.engine, "failure", None)
     if failure:
         return JSONResponse({"status": "failed", "error": failure}, status_code=503)

@@ -35,8 +35,15 @@ class Settings(BaseSettings):
     weights_dir: Path = Path("weights")
     # Model folder names to load; empty = every folder in weights_dir with an unet_server.json.
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # "auto" picks CUDA when available.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "auto" picks CUDA when available; "cuda:N" pins one GPU (with ``devices`` unset).
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")] = "auto"
+    # Engine cores, one process each (server.devices): "auto" = one per visible GPU on CUDA, one on CPU;
+    # "all" = every visible GPU; a count ("2"); or a list ("cuda:0,cuda:2"; a device may repeat: engines
+    # sharing a card; "cpu,cpu": two engines on the CPU). Every engine holds its own copy of the models.
+    devices: str = "auto"
+    # Serve once this many engines are ready (the others are reported by /health/ready and keep loading
+    # or stay failed); None = all of them.
+    min_engines: int | None = Field(None, ge=1)
     # U-Net weights dtype; "auto" = float16 on CUDA, float32 on CPU. Sampler arithmetic is always fp32.
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # Attention backend; "auto" probes xformers, then sdpa, then math by running a tiny call.
@@ -123,7 +130,7 @@ class Settings(BaseSettings):
     def _on_cuda(self) -> bool:
         """Whether the server will run on CUDA (``device="auto"`` asks torch, as the loader does)."""
         if self.device != "auto":
-            return self.device == "cuda"
+            return self.device.startswith("cuda")
         import torch
 
         return torch.cuda.is_available()

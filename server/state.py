@@ -28,4 +28,5 @@ class ServerState:
     ctx: ValidationContext | None = None
     device: str = ""
     load_task: asyncio.Task | None = None
-    client: EngineClient | None = None  # the engine transport, also while it loads (stopped at shutdown)
+    client: EngineClient | None = None  # the first engine's transport, also while it loads
+    clients: list[EngineClient] = field(default_factory=list)  # every engine's (killed at exit if loading)
