@@ -283,3 +283,39 @@ def test_a_killed_engine_fails_only_its_requests(two_engines: Any) -> None:
             assert time.monotonic() < deadline, "the killed engine was not replaced"
             time.sleep(0.1)
         assert two_engines.state.clients[1]._proc.pid != victim
+
+
+@pytest.mark.gpu
+def test_gpu_engines_sharing_a_card_and_one_per_card_match_one_engine(weights_dir: Path) -> None:
+    """On CUDA with graphs: two engines sharing one card (and, with two or more cards, one engine per card)
+    give one engine's images for requests sent one at a time, and concurrent requests all complete on both
+    engines."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    layouts = ["auto", "cuda:0,cuda:0"] + (["2"] if torch.cuda.device_count() >= 2 else [])
+    bodies = [b for b in MIXED[::4]]
+    images: dict[str, list[list[str]]] = {}
+    for devices in layouts:
+        server = start_server(weights_dir, device="cuda", engine_mode="process", devices=devices, **SMALL)
+        try:
+            with server.client() as c:
+                images[devices] = [c.post("/generate", json=b).json()["images"] for b in bodies]
+                before = c.get("/metrics").text
+                with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                    codes = list(pool.map(lambda b: c.post("/generate", json=b).status_code, MIXED))
+                assert codes == [200] * len(codes)
+                after = c.get("/metrics").text
+            name = "unet_server_rows_per_forward"
+            engines = len(server.engine.engines)
+            passes = [
+                metric(after, name, name + "_count", engine=str(i))
+                - metric(before, name, name + "_count", engine=str(i))
+                for i in range(engines)
+            ]
+            assert all(p > 0 for p in passes), f"{devices}: forward passes per engine {passes}"
+        finally:
+            server.stop()
+    for devices in layouts[1:]:
+        assert images[devices] == images["auto"], devices  # same graphs, same kernels: the same bytes
