@@ -361,7 +361,9 @@ def _load_diffusers(
     # ControlNets: its own controlnet/ and those its unet_server.json names (model.sd_controlnet)
     index = {k: list(v) for k, v in pf.components.items()}
     cn_paths = paired_controlnets(weights_root, folder, root, meta, index)
-    controlnets = load_paired_controlnets(unet, cn_paths, device, dtype, pf.variants.get("controlnet"))
+    controlnets = load_paired_controlnets(
+        unet, cn_paths, device, dtype, pf.variants.get("controlnet"), vae_cfg.latent_channels
+    )
     control = None
     if controlnets is not None:
         control = {"type": "controlnet", "channels": max(controlnets.channels), "controlnets": list(cn_paths)}

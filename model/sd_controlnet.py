@@ -228,8 +228,13 @@ def load_paired_controlnets(
     device: torch.device,
     dtype: torch.dtype,
     variant: str | None = None,
+    latent_channels: int | None = None,
 ) -> MultiControlNet | None:
-    """Load ``paths`` (from `paired_controlnets`) and check each fits ``unet``; None when there are none."""
+    """Load ``paths`` (from `paired_controlnets`) and check each fits ``unet``; None when there are none.
+
+    ``latent_channels``: the channels of x a ControlNet takes (the VAE's latents; an inpainting U-Net's
+    in_channels also count its mask and masked-image channels, which diffusers never feeds the ControlNet).
+    """
     from model.loading import WeightsError, load_controlnet
     from model.pipeline_folder import PipelineError
 
@@ -242,7 +247,12 @@ def load_paired_controlnets(
         except (WeightsError, ValueError) as exc:
             raise PipelineError(f"ControlNet {name!r} ({path}): {exc}") from exc
         c, u = net.config, unet.config
-        for field in ("in_channels", "block_out_channels", "cross_attention_dim", "down_block_types"):
+        if c.in_channels != (latent_channels or u.in_channels):
+            raise PipelineError(
+                f"ControlNet {name!r} does not fit the base model: in_channels={c.in_channels}, the latents "
+                f"have {latent_channels or u.in_channels} channels"
+            )
+        for field in ("block_out_channels", "cross_attention_dim", "down_block_types", "addition_embed_type"):
             if getattr(c, field) != getattr(u, field):
                 raise PipelineError(
                     f"ControlNet {name!r} does not fit the base U-Net: {field}={getattr(c, field)!r}, "

@@ -394,3 +394,26 @@ def test_sdxl_controlnet_matches_diffusers(xl_folder, start, end) -> None:
             control_guidance_end=end, output_type="np",
         ).images  # fmt: skip
     _check(got, want)
+
+
+def test_controlnet_pairs_with_a_9_channel_inpainting_unet(weights, tmp_path) -> None:
+    """The ControlNet sees the 4-channel latents; the inpainting U-Net's extra mask/masked-image channels go
+    to the U-Net only (as diffusers' StableDiffusionControlNetInpaintPipeline)."""
+    from tests.model.img2img_helpers import build_tiny_inpaint
+
+    build_tiny_inpaint(tmp_path / "inpaint")
+    shutil.copytree(weights / "cn-a", tmp_path / "cn-a")
+    (tmp_path / "inpaint" / "unet_server.json").write_text(json.dumps({"controlnets": ["cn-a"]}))
+    p = load_pipelines(tmp_path, ["inpaint"])["inpaint"]
+    assert p.unet.config.in_channels == 9 and p.control and p.control["controlnets"] == ["cn-a"]
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    concat = torch.randn(2, 5, 8, 8, generator=g)  # mask + masked-image latent
+    sigma = torch.tensor([3.0, 3.0], dtype=torch.float64)
+    assert isinstance(p.controlnet, MultiControlNet)
+    c = [ControlInput("cn-a", torch.rand(1, 3, SIZE, SIZE, generator=g), 1.0)]
+    cond, scale = pack_controls(p.controlnet, [(c, 0, 4), ([], 0, 4)], (SIZE, SIZE))
+    with torch.no_grad():
+        got = p.denoiser(x, sigma, context=ctx, control_cond=cond, control_scale=scale, x_concat=concat)
+        plain = p.denoiser(x, sigma, context=ctx, x_concat=concat)
+    assert torch.equal(got[1], plain[1]) and (got[0] - plain[0]).abs().max() > 1e-3
