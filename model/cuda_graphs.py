@@ -406,9 +406,9 @@ class GraphedDenoiser(GraphedCallable):
         if not torch.is_tensor(control_scale) or control_scale.dim() == 0:
             control_scale = torch.as_tensor(control_scale, dtype=torch.float32, device=x.device).expand(rows)
         if control_mask is not None:
-            control_scale = control_scale * control_mask.to(
-                device=control_scale.device, dtype=control_scale.dtype
-            )  # (B,)
+            mask = control_mask.to(device=control_scale.device, dtype=control_scale.dtype)
+            # (B,) or, for a MultiControlNet's (B, K) scales, (B, 1): a masked-out row is off for every net
+            control_scale = control_scale * mask.reshape(-1, *([1] * (control_scale.dim() - 1)))
         return sigma, control_scale
 
     # Denoiser.__call__'s signature instead of GraphedCallable's **inputs: a deliberate narrowing.

@@ -312,6 +312,14 @@ def test_graphed_denoiser_pads_multicontrolnet_rows(ours) -> None:
         got = runner(x, sigma, context=ctx, control_cond=cond, control_scale=scale)
         want = p.denoiser(x, sigma, context=ctx, control_cond=cond, control_scale=scale)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    mask = torch.tensor([True, True, False])  # a control_mask folds into every net's scale of its row
+    with torch.no_grad():
+        masked = runner(x, sigma, context=ctx, control_cond=cond, control_scale=scale, control_mask=mask)
+        off = scale.clone()
+        off[2] = 0  # row 2 uses both nets
+        want = p.denoiser(x, sigma, context=ctx, control_cond=cond, control_scale=off)
+    torch.testing.assert_close(masked, want, rtol=1e-5, atol=1e-5)
+    assert (masked[2] - got[2]).abs().max() > 1e-3
 
 
 @pytest.mark.gpu
