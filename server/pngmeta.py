@@ -81,6 +81,9 @@ def image_parameters(request: Any, index: int = 0, class_name: str | None = None
         "height": request.height,
         "control_scale": request.control_scale if request.control is not None else None,
     }
+    for name in ("original_size", "crops_coords_top_left", "target_size"):  # SDXL, when sent
+        value = getattr(request, name, None)
+        params[name] = list(value) if value is not None else None
     return {k: v for k, v in params.items() if v is not None}
 
 

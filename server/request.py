@@ -84,6 +84,11 @@ class ResolvedRequest:
     strength: float = 1.0
     inpaint_mode: str | None = None  # "inpainting_unet" | "latent_blend" for inpainting requests
     notes: tuple[str, ...] = ()  # what validation changed (an image resized), returned as warnings
+    # SDXL micro-conditioning (model.sdxl), (height, width) / (top, left) in pixels; None = diffusers'
+    # defaults: original = target = (height, width), crop (0, 0). Only SDXL models accept them.
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
 
     @property
     def lora_key(self) -> tuple[tuple[str, str, float], ...]:
