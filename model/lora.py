@@ -316,8 +316,12 @@ def parse_lora(
     metadata: Mapping[str, str] | None = None,
     family: str | None = None,
     model_name: str = "this model",
+    convs: bool = True,
 ) -> LoraAdapter:
     """Match an adapter's tensors to a model's layers; see the module docstring for formats and errors.
+
+    ``convs=False``: adapters of convolutions with kernels larger than 1x1 (LoCon) are refused, saying so
+    (1x1 convolutions, SD 1.x's attention projections, are linear layers and always accepted).
 
     ``specs``: component -> module name -> LayerSpec (``layer_specs``); ``family``: the model's base family
     ("sd1", "sd2", "sdxl" or None) checked against the file's kohya / modelspec metadata.
@@ -377,6 +381,7 @@ def parse_lora(
     unmatched: list[str] = []
     mismatched: list[str] = []
     no_encoder: list[str] = []
+    locon: list[str] = []
     for e in entries.values():
         if e.component not in specs:
             no_encoder.append(e.keys[0])
@@ -389,6 +394,9 @@ def parse_lora(
         if e.down is None or e.up is None:
             raise LoraError(f"{e.keys[0]}: a layer needs both its down (A) and up (B) weights")
         spec = specs[e.component][name]
+        if not convs and spec.kind == "conv" and spec.kernel != (1, 1):
+            locon.append(e.keys[0])
+            continue
         layer, problem = _shape(e, spec)
         if problem:
             mismatched.append(f"{e.component}.{name}: {problem}")
@@ -409,6 +417,11 @@ def parse_lora(
         raise LoraError(
             f"it adapts a text encoder ({_listing(no_encoder, 2)}) but {model_name}'s text encoder takes no "
             "LoRA (only CLIP text encoders of Stable Diffusion pipelines do)"
+        )
+    if locon:
+        raise LoraError(
+            f"it adapts {len(locon)} convolution layers (LoCon: {_listing(locon, 2)}), which this server "
+            "does not adapt (UNET_SERVER_LORA_CONVS=true turns them on)"
         )
     if mismatched:
         more = f"; {len(unmatched)} keys also match no layer" if unmatched else ""
@@ -459,10 +472,11 @@ def load_lora(
     specs: Mapping[str, Mapping[str, LayerSpec]],
     family: str | None = None,
     model_name: str = "this model",
+    convs: bool = True,
 ) -> LoraAdapter:
     """Read a safetensors adapter (path or bytes) and match it to ``specs`` (see ``parse_lora``)."""
     tensors, meta = read_safetensors(source)
-    return parse_lora(tensors, specs, meta, family, model_name)
+    return parse_lora(tensors, specs, meta, family, model_name, convs)
 
 
 def merged_delta(layer: LoraLayer) -> Tensor:

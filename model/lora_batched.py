@@ -50,7 +50,8 @@ class _Table:
     layer: nn.Module
     a: Tensor  # (pages, c, in·kh·kw)
     bt: Tensor  # (pages, c, out)
-    conv: bool
+    conv: bool  # a convolution with a kernel > 1x1 (or strided): grouped convolution
+    pointwise: bool = False  # a 1x1, stride-1 convolution: per-pixel linear, bmm over (B, C, H·W)
 
 
 class LoraBank:
@@ -62,7 +63,8 @@ class LoraBank:
         page_rank: rank columns per page (c).
         row_pages: pages one row may use (n): the rank budget of a row is n·c, over all its adapters.
         max_rows: rows of the persistent index/scale buffers (the largest batch bucket).
-        convs: also adapt the U-Net's convolutions (LoCon); their pages cost in·kh·kw per rank column.
+        convs: also adapt the U-Net's convolutions with kernels > 1x1 (LoCon); their pages cost in·kh·kw per
+            rank column. 1x1 convolutions (SD 1.x attention projections) are always adapted, as linears.
         device, dtype: where the tables live (default: each module's own).
     """
 
@@ -95,14 +97,15 @@ class LoraBank:
             dev, dt = self.device or p.device, dtype or p.dtype
             for name, layer in adaptable_layers(module, comp).items():
                 conv = isinstance(layer, nn.Conv2d)
-                if conv and not convs:
+                pointwise = isinstance(layer, nn.Conv2d) and _pointwise(layer)
+                if conv and not pointwise and not convs:
                     continue
                 w = layer.weight
                 assert isinstance(w, torch.Tensor)
                 fan_in = w[0].numel()  # in (linear) or in·kh·kw (conv)
                 a = torch.zeros(pages, page_rank, fan_in, device=dev, dtype=dt)
                 bt = torch.zeros(pages, page_rank, w.shape[0], device=dev, dtype=dt)
-                table = _Table(comp, name, layer, a, bt, conv)
+                table = _Table(comp, name, layer, a, bt, conv and not pointwise, pointwise)
                 self.tables[(comp, name)] = table
                 self._handles.append(layer.register_forward_hook(self._hook(table)))
             setattr(module, _BANK_ATTR, self)
@@ -233,6 +236,8 @@ class LoraBank:
             index, scale = index[:b], scale[:b]  # views: static addresses under graph capture
             if t.conv:
                 return out + _conv_delta(module, x, t, index, scale)  # type: ignore[arg-type]
+            if t.pointwise:
+                return out + _pointwise_delta(x, t, index, scale)
             return out + _linear_delta(x, t, index, scale).reshape(out.shape)
 
         return hook
@@ -250,6 +255,19 @@ def _linear_delta(x: Tensor, t: _Table, index: Tensor, scale: Tensor) -> Tensor:
     a = t.a[index].flatten(1, 2)  # (B, n·c, in)
     h = torch.bmm(xf, a.transpose(1, 2)) * scale[:, None, :]  # (B, L, n·c)
     return torch.bmm(h, t.bt[index].flatten(1, 2))  # (B, L, out)
+
+
+def _pointwise(layer: nn.Conv2d) -> bool:
+    unit = tuple(layer.kernel_size) == (1, 1) and tuple(layer.stride) == (1, 1)
+    return unit and layer.padding in ((0, 0), 0)
+
+
+def _pointwise_delta(x: Tensor, t: _Table, index: Tensor, scale: Tensor) -> Tensor:
+    b, cin, h, w = x.shape
+    xf = x.reshape(b, cin, h * w)  # (B, in, HW)
+    h_ = torch.bmm(t.a[index].flatten(1, 2), xf) * scale[:, :, None]  # (B, n·c, HW)
+    delta = torch.bmm(t.bt[index].flatten(1, 2).transpose(1, 2), h_)  # (B, out, HW)
+    return delta.view(b, -1, h, w)
 
 
 def _conv_delta(layer: nn.Conv2d, x: Tensor, t: _Table, index: Tensor, scale: Tensor) -> Tensor:
