@@ -112,7 +112,12 @@ def load_worker(settings: Settings, text_encoder_loader: TextEncoderLoader | Non
     compiled = 0  # before warm-up: it compiles every bucket, then the graphs capture the compiled kernels
     if s.compile:
         compiled = compile_pipelines(pipelines, device, shapes_per_module=2 * len(s.batch_buckets))
-    worker = Worker(pipelines, s.batch_buckets, cuda_graphs=s.cuda_graphs, max_steps_ahead=s.max_steps_ahead)
+    from server.loras import lora_dir
+
+    worker = Worker(
+        pipelines, s.batch_buckets, cuda_graphs=s.cuda_graphs, max_steps_ahead=s.max_steps_ahead,
+        lora_dir=lora_dir(weights_dir),
+    )
     worker.warmup()
     if compiled:
         # A shape not warmed (another image size) runs eagerly instead of compiling on the hot path.

@@ -23,6 +23,7 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from model.img2img import blend, image_start, inpainting_channels, latent_mask, 
 from model.noise import RequestNoise
 from model.pipeline import Pipeline
 from model.sd_controlnet import ControlInput, pack_controls
+from server.lora_slots import LoraSlots
 from server.request import ResolvedRequest, rows_for
 from server.rows import RowLayout
 
@@ -70,6 +72,7 @@ class RequestState:
     preview_every: int = 0  # keep the last x0 estimate for previews (the core asks every k evaluations)
     last_x0: torch.Tensor | None = None  # (n, C, H, W) of the last step, when preview_every > 0
     warnings: list[str] = field(default_factory=list)  # for the response (e.g. a truncated prompt)
+    loras: tuple[tuple[tuple[str, str], float], ...] = ()  # ((name, sha256), scale) each (server.lora_slots)
     controls: list[ControlInput] = field(default_factory=list)  # SD ControlNets (model.sd_controlnet)
     x_concat: torch.Tensor | None = None  # (rows, 1 + C, h, w): inpainting U-Net mask + masked latent
     known: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # blend mode: per image (x0, ε) (1, C, h, w)
@@ -115,6 +118,7 @@ class Worker:
         prompt_cache_size: int = 1024,
         cuda_graphs: bool = True,
         max_steps_ahead: int = 1,
+        lora_dir: Path | None = None,
     ):
         if not pipelines:
             raise ValueError("no pipelines")
@@ -144,6 +148,10 @@ class Worker:
             if p.controlnet is not None:
                 per_unet.setdefault(id(p.unet), set()).add(id(p.controlnet))
         self._split_controlnets = {u for u, cns in per_unet.items() if len(cns) > 1}
+        # LoRA (server.lora_slots): banks hooked into every U-Net before warm-up; graphs of LoRA passes
+        self.loras = LoraSlots.create(pipelines, self.max_rows, lora_dir)
+        self._lora_graphs: dict[int, GraphedDenoiser] = {}
+        self._lora_captured: set[tuple[int, tuple[int, ...], bool]] = set()
 
     @property
     def max_rows(self) -> int:
@@ -158,18 +166,20 @@ class Worker:
         """Requests with equal keys can share a forward pass: same U-Net instance, shape and dtype."""
         p = self.pipelines[req.model]
         key: tuple[Any, ...] = (id(p.unet), p.image_channels, req.height, req.width, str(p.dtype))
+        if req.loras and self.loras is not None:  # admission: start reading its adapter files now
+            self.loras.prefetch(p, req)
         if id(p.unet) in self._split_controlnets and req.control is not None:
             key += (id(p.controlnet),)
         return key
 
     def _encode(
-        self, pipeline: Pipeline, prompts: list[str], count_hits: bool = True
+        self, pipeline: Pipeline, prompts: list[str], count_hits: bool = True, encoder: Any = None
     ) -> list[tuple[torch.Tensor, bool]]:
         """(context rows (L, D), truncated) per prompt, from the cache or one batched encoder call.
 
         ``count_hits=False``: a second lookup of prompts already counted (``prepare`` after
         ``encode_prompts``); only prompts it has to encode itself count, as misses."""
-        enc = pipeline.text_encoder
+        enc = pipeline.text_encoder if encoder is None else encoder
         missing = sorted({p for p in prompts if (id(enc), p) not in self._prompt_cache})
         self.prompt_cache_misses += len(missing)
         if count_hits:
@@ -199,13 +209,14 @@ class Worker:
     def encode_prompts(self, requests: Sequence[ResolvedRequest]) -> None:
         """Encode the prompts of many newly admitted requests in one encoder call per text encoder (they
         land in the cache that ``prepare`` reads)."""
-        by_encoder: dict[int, tuple[Pipeline, list[str]]] = {}
+        by_encoder: dict[int, tuple[Pipeline, Any, list[str]]] = {}
         for req in requests:
             p = self.pipelines[req.model]
             if p.kind == "text":
-                by_encoder.setdefault(id(p.text_encoder), (p, []))[1].extend(self._prompts(req))
-        for p, prompts in by_encoder.values():
-            self._encode(p, prompts)
+                enc = self._text_encoder(p, req)  # with the request's text-encoder LoRA, if any
+                by_encoder.setdefault(id(enc), (p, enc, []))[2].extend(self._prompts(req))
+        for p, enc, prompts in by_encoder.values():
+            self._encode(p, prompts, encoder=enc)
 
     @torch.no_grad()
     def prepare(self, req: ResolvedRequest, preview_every: int = 0) -> RequestState:
@@ -236,7 +247,8 @@ class Worker:
             labels = [label] * n + ([null] * n if req.guided else [])
             class_labels = self._to_device(torch.tensor(labels, dtype=torch.long))  # (rows,)
         else:
-            encoded = self._encode(p, self._prompts(req), count_hits=False)  # counted by encode_prompts
+            enc = self._text_encoder(p, req)
+            encoded = self._encode(p, self._prompts(req), False, enc)  # counted by encode_prompts
             context = torch.cat([row.expand(n, *row.shape) for row, _ in encoded])  # (rows, L, D)
             limit = getattr(p.text_encoder, "max_length", None)
             for (_, cut), field in zip(encoded, ("prompt", "negative_prompt"), strict=False):
@@ -259,6 +271,7 @@ class Worker:
             controls=self._controls(req),
             preview_every=preview_every,
             warnings=warnings,
+            loras=self._lora_refs(p, req),
             x_concat=x_concat,
             known=known,
             blend_mask=blend_mask,
@@ -320,7 +333,7 @@ class Worker:
         """
         layout = RowLayout.build(requests)
         x, sigma, index = self._gather(requests, layout)  # (B, C, H, W), (B,), (B + 2N,) or None
-        x0 = self._forward_rows(requests, layout, x, sigma)  # (B, C, H, W)
+        x0 = self._forward_lora(requests, layout, x, sigma)  # (B, C, H, W)
         x0 = self._combine(requests, layout, x0, index)  # (N, C, H, W)
         self._advance(requests, layout, x0)
         self._blend(requests)
@@ -627,6 +640,7 @@ class Worker:
                     e.get("x_concat"),
                 )
                 self.warmed.add((key, b))
+        self._warmup_lora()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         log.info(
@@ -635,3 +649,70 @@ class Worker:
             self.buckets,
             "on" if self.cuda_graphs else "off",
         )
+
+    # -- LoRA (server.lora_slots; model.lora_batched) ----------------------------------------------
+
+    def _lora_refs(self, p: Pipeline, req: ResolvedRequest) -> tuple[tuple[tuple[str, str], float], ...]:
+        """The request's adapters, each read and checked against its model (LoraError says why not)."""
+        if not req.loras:
+            return ()
+        if self.loras is None:
+            from model.lora import LoraError
+
+            raise LoraError("LoRA adapters are disabled on this server (UNET_SERVER_LORA_ENABLED=false)")
+        return self.loras.resolve(p, req)
+
+    def _text_encoder(self, p: Pipeline, req: ResolvedRequest) -> Any:
+        """The encoder of the request's prompts: its model's, or one applying its text-encoder adapters
+        (its own identity, hence its own prompt-cache entries)."""
+        if not req.loras or self.loras is None:
+            return p.text_encoder
+        return self.loras.text_encoder(p, req)
+
+    def _forward_lora(
+        self, requests: Sequence[RequestState], layout: RowLayout, x: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
+        """``_forward_rows`` with each row's adapters: the rows' page indices and scales go into the bank's
+        persistent buffers, then the pass runs inside ``bank.rows()`` (on CUDA: the graph captured there).
+        Without adapters in the pass: the plain path. Adapters needing more device pages than there are:
+        consecutive groups of requests, one pass each (each padded to its bucket, as any pass)."""
+        if self.loras is None:
+            return self._forward_rows(requests, layout, x, sigma)
+        parts = []
+        for i, j in self.loras.segments(requests):
+            sub = requests[i:j]
+            a, b = layout.row_bounds[i], layout.row_bounds[j]
+            sub_layout = layout if (i, j) == (0, len(requests)) else RowLayout.build(sub)
+            bs = self.loras.begin(sub)
+            if bs is None:
+                parts.append(self._forward_rows(sub, sub_layout, x[a:b], sigma[a:b]))
+                continue
+            graphs, captured = self._graphs, self._captured
+            self._graphs, self._captured = self._lora_graphs, self._lora_captured  # graphs captured with LoRA
+            try:
+                with bs.bank.rows():
+                    parts.append(self._forward_rows(sub, sub_layout, x[a:b], sigma[a:b]))
+            finally:
+                self._graphs, self._captured = graphs, captured
+        return parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, C, H, W)
+
+    def _warmup_lora(self) -> None:
+        """CUDA graphs: capture every bucket once more inside ``bank.rows()`` (zero pages: base results),
+        so that passes with adapters replay graphs too."""
+        if self.loras is None or not self.cuda_graphs:
+            return
+        graphs, captured = self._graphs, self._captured
+        self._graphs, self._captured = self._lora_graphs, self._lora_captured
+        try:
+            for p in self.pipelines.values():
+                bs = self.loras.bank_for(p)
+                example = self._example(p, self.max_rows)
+                with bs.bank.rows():
+                    self._capture(p.denoiser, **example)
+        finally:
+            self._graphs, self._captured = graphs, captured
+
+    def lora_stats(self) -> Any:
+        """``server.lora_slots.LoraStats`` now (None without LoRA): resident adapters, loads, evictions,
+        rows carrying adapters — for the core to report."""
+        return None if self.loras is None else self.loras.snapshot()
