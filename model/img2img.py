@@ -30,26 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from model.noise import RequestNoise
+from model.strength import INPAINTING_UNET, LATENT_BLEND, strength_start
 
 Tensor = torch.Tensor
 
-INPAINTING_UNET = "inpainting_unet"  # a 9-channel inpainting U-Net (mask + masked-image latent as input)
-LATENT_BLEND = "latent_blend"  # an ordinary U-Net, the known region blended back after every step
-
-
-def strength_start(num_inference_steps: int, strength: float) -> int:
-    """Index of the grid σ an image-to-image request starts at (diffusers' ``get_timesteps``' t_start).
-
-    Raises ValueError when strength leaves no step (``int(steps · strength) == 0``)."""
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
-    if init_timestep < 1:
-        raise ValueError(
-            f"strength {strength} with {num_inference_steps} steps runs "
-            f"int({num_inference_steps} × {strength}) = 0 steps; raise strength or num_inference_steps"
-        )
-    return num_inference_steps - init_timestep
+__all__ = [
+    "INPAINTING_UNET", "LATENT_BLEND", "ImageStart", "alpha", "blend", "image_start", "inpainting_channels",
+    "latent_mask", "noised", "strength_start",
+]
 
 
 def alpha(sigma: float, model_kind: str) -> float:

@@ -51,6 +51,10 @@ class ModelSpec(BaseModel):
     image_channels: int
     sample_size: int
     size_multiple: int = Field(description="width and height must be multiples of this")
+    inpainting: bool = Field(
+        False, description="a 9-channel inpainting U-Net: requests need image and mask_image (other models "
+        "take them too, inpainting by masked latent blending)",
+    )
     null_class_label: int | None = Field(None, exclude=True)
     conditioning: Conditioning
     defaults: ModelDefaults
@@ -86,6 +90,13 @@ class SamplerList(BaseModel):
 
 
 
+def _inpainting_unet(p: Any) -> bool:
+    """A latent model whose U-Net takes more input channels than the latent (mask + masked-image latent)."""
+    if getattr(p, "vae", None) is None:
+        return False
+    return int(p.unet.config.in_channels or 0) > int(p.latent_channels or 0)
+
+
 def model_spec(p: Any) -> ModelSpec:
     """The public description of a loaded ``model.pipeline.Pipeline``."""
     classes = None
@@ -107,6 +118,7 @@ def model_spec(p: Any) -> ModelSpec:
         image_channels=p.image_channels,
         sample_size=p.sample_size,
         size_multiple=p.size_multiple,
+        inpainting=_inpainting_unet(p),
         null_class_label=p.null_class_label,
         conditioning=Conditioning(classes=classes, text=p.kind == "text", control=control),
         defaults=ModelDefaults(

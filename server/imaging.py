@@ -51,16 +51,17 @@ def from_png(data: bytes) -> np.ndarray:
         return np.asarray(img)
 
 
-def decode_base64(text: str, max_bytes: int) -> bytes:
-    """Strict base64 (a ``data:...;base64,`` prefix is allowed) with a size check before decoding."""
+def decode_base64(text: str, max_bytes: int, what: str = "control image") -> bytes:
+    """Strict base64 (a ``data:...;base64,`` prefix is allowed) with a size check before decoding; ``what``
+    names the image in messages."""
     if text.startswith("data:"):
         _, _, text = text.partition(",")
     if len(text) > (max_bytes * 4) // 3 + 4:
-        raise ImageDecodeError(f"control image is larger than {max_bytes} bytes")
+        raise ImageDecodeError(f"{what} is larger than {max_bytes} bytes")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ImageDecodeError("control image is not valid base64") from exc
+        raise ImageDecodeError(f"{what} is not valid base64") from exc
 
 
 def decode_control_image(
@@ -90,3 +91,73 @@ def decode_control_image(
     if gray.size != (width, height):
         gray = gray.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(gray, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
+
+
+# -- image-to-image and inpainting inputs ----------------------------------------------------------
+# Policy: the same byte and pixel limits as control maps (checked before any pixel is decoded); 8-bit modes
+# only (16-bit and float PNG/TIFF-style modes are refused, not silently clipped); an init image is converted
+# to the model's channels (RGB, alpha dropped, or grayscale) and resized to the request's width x height
+# with Lanczos (as diffusers' VaeImageProcessor) when its size differs; a mask must have the image's size,
+# is resized the same way, then binarised at 0.5 (diffusers' mask processor): 1 = repaint.
+
+EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, what: str) -> Image.Image:
+    """Decode an uploaded PNG/JPEG/WebP (``what`` names the field in messages) within the limits; raises
+    ImageDecodeError (too large, too many pixels, not decodable, not 8-bit)."""
+    if len(data) > max_bytes:
+        raise ImageDecodeError(f"{what} is {len(data)} bytes; the limit is {max_bytes}")
+    if not data:
+        raise ImageDecodeError(f"{what} is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # reads the header only
+            w, h = img.size
+            if w < 1 or h < 1 or w * h > max_pixels:
+                raise ImageDecodeError(f"{what} is {w}x{h} pixels; the limit is {max_pixels} pixels")
+            if img.mode not in EIGHT_BIT_MODES:
+                raise ImageDecodeError(
+                    f"{what} has mode {img.mode} (16-bit or float pixels); send an 8-bit RGB, RGBA, "
+                    "grayscale or palette image"
+                )
+            img.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"{what} has too many pixels (limit {max_pixels})") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError(f"{what} could not be decoded as {'/'.join(ALLOWED_FORMATS)}") from exc
+    return img
+
+
+def init_image_array(img: Image.Image, channels: int, width: int, height: int) -> np.ndarray:
+    """An init image as the model sees it: float32 (channels, height, width) in [-1, 1] (x / 255 · 2 − 1,
+    as diffusers), converted to RGB (channels 3; alpha dropped) or grayscale, resized (Lanczos) if needed."""
+    img = img.convert("RGB" if channels == 3 else "L")
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
+    x = np.asarray(img, dtype=np.float32) / 255.0 * 2.0 - 1.0  # (H, W, 3) or (H, W)
+    return np.ascontiguousarray(x.transpose(2, 0, 1) if x.ndim == 3 else x[None])  # (C, H, W)
+
+
+def has_transparency(img: Image.Image) -> bool:
+    """Whether the image has an alpha channel (or palette transparency) with some pixel below 128."""
+    if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in img.info:
+        return False
+    return bool(np.asarray(img.convert("RGBA").getchannel("A")).min() < 128)
+
+
+def mask_array(img: Image.Image, width: int, height: int, source: str = "luma") -> np.ndarray:
+    """A mask as float32 (height, width) in {0, 1}, 1 = repaint, binarised at 0.5 after resizing.
+
+    source "luma": white = repaint (diffusers, /generate's ``mask_image``; alpha ignored). source "alpha":
+    transparent = repaint (OpenAI's edits: alpha < 128 repaints)."""
+    if source == "alpha":
+        gray = Image.fromarray(255 - np.asarray(img.convert("RGBA").getchannel("A")), mode="L")
+    else:
+        gray = img.convert("L")
+    if gray.size != (width, height):
+        gray = gray.resize((width, height), Image.Resampling.LANCZOS)
+    return (np.asarray(gray, dtype=np.float32) / 255.0 >= 0.5).astype(np.float32)  # (H, W)

@@ -8,6 +8,8 @@ import hmac
 import json
 import re
 from collections.abc import Awaitable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -30,6 +32,7 @@ from server.schemas import (
     JobError,
     JobInfo,
     ModelList,
+    OpenAIEditRequest,
     OpenAIImage,
     OpenAIImageRequest,
     OpenAIImagesResponse,
@@ -39,6 +42,7 @@ from server.schemas import (
     field_error,
     resolve_generate,
     resolve_openai,
+    resolve_openai_edit,
 )
 from server.state import ServerState
 
@@ -91,7 +95,7 @@ def _body_errors(exc: ValidationError) -> RequestValidationError:
     for err in exc.errors(include_url=False):
         field = ".".join(str(p) for p in err["loc"])
         err = {**err, "loc": ("body", *err["loc"]), "msg": f"{field}: {err['msg']}" if field else err["msg"]}
-        if "control_image" in err["loc"]:
+        if {"control_image", "image", "mask_image"} & set(map(str, err["loc"])):
             err["input"] = None  # never echo an image back
         errors.append(err)
     return RequestValidationError(errors)
@@ -143,44 +147,74 @@ async def _json_body(request: Request, limit: int) -> Any:
     return data
 
 
-async def _generate_body(request: Request, state: ServerState) -> tuple[GenerateRequest, bytes | None]:
-    """A GenerateRequest from JSON or multipart (``control_image`` as a file or base64 field)."""
+@dataclass
+class Uploads:
+    """Image files of a multipart body, raw bytes by field (None: not uploaded)."""
+
+    control_image: bytes | None = None
+    image: bytes | None = None
+    mask_image: bytes | None = None
+
+
+UPLOAD_FIELDS = ("control_image", "image", "mask_image")
+
+
+async def _upload(value: UploadFile, field: str, limit: int) -> bytes:
+    """An uploaded file's bytes, at most ``limit`` (a 422 naming the field beyond it)."""
+    data = await value.read(limit + 1)
+    if len(data) > limit:
+        raise field_error(field, f"{field.replace('_', ' ')} is larger than {limit} bytes")
+    return data
+
+
+async def _generate_body(request: Request, state: ServerState) -> tuple[GenerateRequest, Uploads]:
+    """A GenerateRequest from JSON or multipart (``control_image``, ``image``, ``mask_image`` as files or
+    base64 fields)."""
     s = state.settings
     limit = s.max_control_image_bytes
-    control_bytes = None
+    files = Uploads()
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await _read(
-            request, request.form(max_files=1, max_fields=32, max_part_size=2 * limit + _JSON_OVERHEAD)
+            request,
+            request.form(
+                max_files=len(UPLOAD_FIELDS), max_fields=32, max_part_size=2 * limit + _JSON_OVERHEAD
+            ),
         )
         try:
             data: dict[str, Any] = {}
             for key, value in form.multi_items():
                 if isinstance(value, UploadFile):
-                    if key != "control_image":
-                        raise field_error(key, "unexpected file upload (only control_image takes a file)")
-                    control_bytes = await value.read(limit + 1)
-                    if len(control_bytes) > limit:
-                        raise field_error("control_image", f"control image is larger than {limit} bytes")
+                    if key not in UPLOAD_FIELDS:
+                        message = f"unexpected file upload ({', '.join(UPLOAD_FIELDS)} take files)"
+                        raise field_error(key, message)
+                    setattr(files, key, await _upload(value, key, limit))
                 else:
                     data[key] = value
         finally:
             await form.close()
     else:
-        data = await _json_body(request, 2 * limit + _JSON_OVERHEAD)
+        # base64 text of up to three images (control map, init image, mask): 4/3 of their bytes each
+        data = await _json_body(request, 4 * limit + _JSON_OVERHEAD)
     try:
-        return GenerateRequest.model_validate(data), control_bytes
+        return GenerateRequest.model_validate(data), files
     except ValidationError as exc:
         raise _body_errors(exc) from None
 
 
-async def _resolve(body: GenerateRequest, state: ServerState, control: bytes | None) -> ResolvedRequest:
-    """``resolve_generate``: in the thread pool when there is a control image to decode (CPU-bound), else
+async def _resolve(body: GenerateRequest, state: ServerState, files: Uploads) -> ResolvedRequest:
+    """``resolve_generate``: in the thread pool when there is an image to decode (CPU-bound), else
     inline — a pool hop costs more than checking a few fields, and under load it is GIL time the engine
     thread waits for."""
     assert state.ctx is not None
-    if control is None and body.control_image is None and not body.controlnets:
+    images = (files.control_image, files.image, files.mask_image, body.control_image, body.image,
+              body.mask_image)  # fmt: skip
+    if all(i is None for i in images) and not body.controlnets:
         return resolve_generate(body, state.ctx, None)
-    return await run_in_threadpool(resolve_generate, body, state.ctx, control)
+    call = partial(
+        resolve_generate, body, state.ctx, files.control_image, image_bytes=files.image,
+        mask_bytes=files.mask_image,
+    )  # fmt: skip
+    return await run_in_threadpool(call)
 
 
 async def _submit(
@@ -266,7 +300,19 @@ def _generate_response(task: Task) -> GenerateResponse:
         images=[base64.b64encode(p).decode() for p in task.pngs or []],
         timings=Timings(**task.timings()),
         warnings=task.warnings,
+        strength=r.strength if r.image is not None else None,
+        inpaint_mode=r.inpaint_mode,
     )
+
+
+def _image_headers(r: ResolvedRequest) -> dict[str, str]:
+    """Image-to-image / inpainting response headers: the strength and which inpainting mode ran."""
+    if r.image is None:
+        return {}
+    headers = {"X-Strength": str(r.strength)}
+    if r.inpaint_mode is not None:
+        headers["X-Inpaint-Mode"] = r.inpaint_mode
+    return headers
 
 
 def _job_info(task: Task, engine: RequestManager) -> JobInfo:
@@ -289,7 +335,7 @@ def _job_info(task: Task, engine: RequestManager) -> JobInfo:
 # -- OpenAPI: request bodies (the routes parse them by hand) and error responses --------------------
 # Request schemas are added to components.schemas by ``server.app.openapi_schema`` (FastAPI registers only
 # the models a route declares as parameters).
-OPENAPI_REQUEST_MODELS: tuple[type[BaseModel], ...] = (GenerateRequest, OpenAIImageRequest)
+OPENAPI_REQUEST_MODELS: tuple[type[BaseModel], ...] = (GenerateRequest, OpenAIImageRequest, OpenAIEditRequest)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -381,10 +427,10 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 async def generate(request: Request, engine: EngineDep) -> Response:
     """Generate images; waits for the result. A client that disconnects cancels its request."""
     state = _state(request)
-    body, control = await _generate_body(request, state)
+    body, files = await _generate_body(request, state)
     if body.preview_every:
         raise field_error("preview_every", "previews are sent on a job's event stream: use POST /v1/jobs")
-    resolved = await _resolve(body, state, control)
+    resolved = await _resolve(body, state, files)
     timeout = state.settings.request_timeout_seconds
     task = await _submit(request, engine, resolved, "generate", timeout, is_job=False)
     await _wait(request, engine, task, timeout + 30.0)
@@ -403,6 +449,7 @@ async def generate(request: Request, engine: EngineDep) -> Response:
             "X-Queue-Seconds": f"{timings['queue_seconds']:.6f}",
             "X-Sampling-Seconds": f"{timings['sampling_seconds']:.6f}",
             "X-Total-Seconds": f"{timings['total_seconds']:.6f}",
+            **_image_headers(resolved),
         }
         return Response((task.pngs or [b""])[0], media_type="image/png", headers=headers)
     return JSONResponse(_generate_response(task).model_dump())
@@ -438,6 +485,82 @@ async def openai_images(request: Request, engine: EngineDep) -> Response:
     return JSONResponse(out.model_dump())
 
 
+_OPENAI_EDIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "allOf": [_ref("OpenAIEditRequest")],
+                    "required": ["image", "prompt"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary", "description": "The image to edit."},
+                        "mask": {
+                            "type": "string", "format": "binary",
+                            "description": "PNG with alpha, the image's size: transparent pixels are edited.",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@api.post(
+    "/v1/images/edits",
+    response_model=OpenAIImagesResponse,
+    openapi_extra=_OPENAI_EDIT_BODY,
+    responses=_errors(401, 413, 422, 429, 500, 503, 504),
+)
+async def openai_image_edits(request: Request, engine: EngineDep) -> Response:
+    """OpenAI-compatible image edits (multipart: image, optional mask, prompt): inpainting where the mask (or
+    the image) is transparent, else image-to-image. Headers: X-Inpaint-Mode, X-Strength."""
+    state = _state(request)
+    limit = state.settings.max_control_image_bytes
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        message = "send multipart/form-data with the image as a file (as OpenAI's images.edit)"
+        raise field_error("image", message)
+    part = 2 * limit + _JSON_OVERHEAD
+    form = await _read(request, request.form(max_files=2, max_fields=32, max_part_size=part))
+    image = mask = None
+    try:
+        data: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if not isinstance(value, UploadFile):
+                data[key] = value
+            elif key in ("image", "image[]"):
+                if image is not None:
+                    raise field_error("image", "one image is edited per request; several were sent")
+                image = await _upload(value, "image", limit)
+            elif key == "mask":
+                mask = await _upload(value, "mask", limit)
+            else:
+                raise field_error(key, "unexpected file upload (image and mask take files)")
+    finally:
+        await form.close()
+    if image is None:
+        raise field_error("image", "required: the image to edit, as a file")
+    try:
+        body = OpenAIEditRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _body_errors(exc) from None
+    assert state.ctx is not None
+    resolved = await run_in_threadpool(resolve_openai_edit, body, state.ctx, image, mask)
+    timeout = state.settings.request_timeout_seconds
+    task = await _submit(request, engine, resolved, "edits", timeout, is_job=False)
+    await _wait(request, engine, task, timeout + 30.0)
+    try:
+        _raise_for(task)
+    except _ServerFault as exc:
+        return _fault_response(exc)
+    out = OpenAIImagesResponse(
+        created=int(task.created_wall),
+        data=[OpenAIImage(b64_json=base64.b64encode(p).decode()) for p in task.pngs or []],
+    )
+    return JSONResponse(out.model_dump(), headers=_image_headers(resolved))
+
+
 # -- jobs -----------------------------------------------------------------------------------------
 
 
@@ -458,8 +581,8 @@ def _job(engine: RequestManager, job_id: str) -> Task:
 async def create_job(request: Request, engine: EngineDep) -> Response:
     """Queue a generation; poll GET /v1/jobs/{id} or stream GET /v1/jobs/{id}/events."""
     state = _state(request)
-    body, control = await _generate_body(request, state)
-    resolved = await _resolve(body, state, control)
+    body, files = await _generate_body(request, state)
+    resolved = await _resolve(body, state, files)
     timeout = state.settings.job_timeout_seconds
     task = await _submit(
         request, engine, resolved, "jobs", timeout, is_job=True, preview_every=body.preview_every

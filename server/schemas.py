@@ -14,6 +14,7 @@ from typing import Any, Literal
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from model.strength import INPAINTING_UNET, LATENT_BLEND, strength_start
 from server.catalog import (
     ClassInfo,
     Conditioning,
@@ -24,23 +25,23 @@ from server.catalog import (
     SamplerInfo,
     SamplerList,
 )
-from server.imaging import ImageDecodeError, decode_base64, decode_control_image
-from server.request import (
-    MAX_SEED,
-    ControlNetInput,
-    LoraRef,
-    ResolvedRequest,
-    needs_guidance,
-    random_seed,
-    rows_for,
+from server.imaging import (
+    ImageDecodeError,
+    decode_base64,
+    decode_control_image,
+    decode_image,
+    has_transparency,
+    init_image_array,
+    mask_array,
 )
+from server.request import MAX_SEED, ControlNetInput, ResolvedRequest, needs_guidance, random_seed, rows_for
 from server.settings import Settings
 
 __all__ = [
     "ClassInfo", "Conditioning", "ControlInfo", "GenerateRequest", "GenerateResponse", "JobError", "JobInfo",
     "ModelDefaults", "ModelList", "ModelSpec", "OpenAIImage", "OpenAIImageRequest", "OpenAIImagesResponse",
     "ResolvedRequest", "SamplerInfo", "SamplerList", "Timings", "ValidationContext", "field_error",
-    "resolve_generate", "resolve_openai",
+    "resolve_generate", "resolve_openai", "OpenAIEditRequest", "resolve_openai_edit",
 ]
 
 MAX_PROMPT_CHARS = 2000
@@ -84,15 +85,6 @@ class ControlNetRequest(BaseModel):
     guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of the steps it stops after.")
 
 
-class LoraInput(BaseModel):
-    """One LoRA adapter of a request: a name from GET /v1/loras and its scale (0 = as if absent)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(max_length=128)
-    scale: float = Field(1.0, ge=-8.0, le=8.0)
-
-
 class GenerateRequest(BaseModel):
     """Body of POST /generate and POST /v1/jobs (JSON, or multipart with a ``control_image`` file)."""
 
@@ -118,15 +110,21 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(1, ge=1, description=IMAGES_CAP)
     width: int | None = Field(None, ge=1, description=SIZE_CAP)
     height: int | None = Field(None, ge=1, description=SIZE_CAP)
-    loras: list[LoraInput] | None = Field(
-        None, description="LoRA adapters applied to this request's rows (U-Net and text encoder), "
-        "e.g. [{\"name\": \"stripes\", \"scale\": 0.8}]; at most UNET_SERVER_LORA_MAX_PER_REQUEST (default "
-        "4).",
-    )
     preview_every: int = Field(
         0, ge=0, le=10_000,
         description="Jobs only: a `preview` event (small PNG of the current estimate) every k steps on the "
         "job's event stream; 0 = none.",
+    )
+    image: str | None = Field(
+        None, description="Base64 PNG/JPEG/WebP init image: image-to-image, or inpainting with mask_image. "
+        "Its size is the default width x height; another width/height resizes it (Lanczos).",
+    )
+    mask_image: str | None = Field(
+        None, description="Base64 mask for inpainting, the size of image: white = repaint, black = keep.",
+    )
+    strength: float | None = Field(
+        None, gt=0.0, le=1.0, description="With image: the fraction of the steps re-run from the noised "
+        "image, in (0, 1]; omitted = 0.8 (image-to-image) or 1.0 (inpainting), as diffusers.",
     )
 
     @field_validator("controlnets", mode="before")
@@ -163,6 +161,11 @@ class GenerateResponse(BaseModel):
     warnings: list[str] = Field(
         default_factory=list, description="What the server changed, e.g. a prompt truncated to 77 tokens."
     )
+    strength: float | None = Field(None, description="Image-to-image and inpainting: the strength used.")
+    inpaint_mode: Literal["inpainting_unet", "latent_blend"] | None = Field(
+        None, description="Inpainting: `inpainting_unet` (a 9-channel inpainting U-Net) or `latent_blend` "
+        "(an ordinary U-Net, the kept region blended back after every step). Also the X-Inpaint-Mode header.",
+    )
 
 
 # -- OpenAI images API ----------------------------------------------------------------------------
@@ -184,7 +187,6 @@ class OpenAIImageRequest(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1, description=STEPS_CAP)
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    loras: list[LoraInput] | None = Field(None, description="LoRA adapters, as on /generate.")
 
 
 class OpenAIImage(BaseModel):
@@ -287,9 +289,16 @@ def _size(value: int | None, default: int, field: str, spec: ModelSpec, settings
 
 
 def resolve_generate(
-    req: GenerateRequest, ctx: ValidationContext, control_bytes: bytes | None = None
+    req: GenerateRequest,
+    ctx: ValidationContext,
+    control_bytes: bytes | None = None,
+    *,
+    image_bytes: bytes | None = None,
+    mask_bytes: bytes | None = None,
+    mask_source: str = "luma",
 ) -> ResolvedRequest:
-    """Check ``req`` against the loaded models and caps; decodes the control map (CPU: call off-loop)."""
+    """Check ``req`` against the loaded models and caps; decodes the control map and the init image and
+    mask (uploaded files as bytes; CPU: call off-loop). ``mask_source`` "alpha": transparent = repaint."""
     s = ctx.settings
     spec = _pick_model(req.model, ctx)
     cond = spec.conditioning
@@ -335,8 +344,10 @@ def resolve_generate(
     if req.num_images > s.max_images:
         message = f"{req.num_images} exceeds the maximum {s.max_images} (UNET_SERVER_MAX_IMAGES)"
         raise field_error("num_images", message, req.num_images)
-    width = _size(req.width, spec.defaults.width, "width", spec, s)
-    height = _size(req.height, spec.defaults.height, "height", spec, s)
+    init = _decode_init_images(req, spec, s, image_bytes, mask_bytes)  # None without an image
+    size = init.image.size if init is not None else (spec.defaults.width, spec.defaults.height)
+    width = _size(req.width, size[0], "width", spec, s)
+    height = _size(req.height, size[1], "height", spec, s)
     guidance = spec.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
     # Guidance needs an unconditional row: text models always have one (""), class models a null class.
     has_null = cond.text or (class_label is not None and spec.null_class_label is not None)
@@ -381,8 +392,8 @@ def resolve_generate(
         width=width,
         height=height,
         guided=guided,
-        loras=_resolve_loras(req, spec.id, ctx),
         controlnets=controlnets,
+        **_image_fields(init, req, spec, steps, width, height, mask_source),
     )
 
 
@@ -437,46 +448,107 @@ def _resolve_controlnets(
     return tuple(out)
 
 
-def _resolve_loras(req: GenerateRequest, model: str, ctx: ValidationContext) -> tuple[LoraRef, ...]:
-    """The request's adapters checked against the registry and ``model`` (a 422 on ``loras`` saying why)."""
-    entries = list(req.loras or [])
-    if not entries:
-        return ()
-    from model.lora import LoraError
-    from server.loras import LoraNotFound, LoraSettings, registry_for
+# -- image-to-image and inpainting ---------------------------------------------------------------
 
-    cfg = LoraSettings()
-    if not cfg.enabled:
-        raise field_error("loras", "LoRA adapters are disabled on this server (UNET_SERVER_LORA_ENABLED)")
-    if len(entries) > cfg.max_per_request:
-        cap = cfg.max_per_request
-        message = f"{len(entries)} adapters exceed the maximum {cap} (UNET_SERVER_LORA_MAX_PER_REQUEST)"
-        raise field_error("loras", message)
-    names = [e.name for e in entries]
-    if len(set(names)) != len(names):
-        raise field_error("loras", f"an adapter is named twice: {names}")
-    registry = registry_for(ctx.settings)
-    refs = []
-    for e in entries:
-        try:
-            sha = registry.check(e.name, model)
-        except ValueError as exc:  # an invalid name
-            raise field_error("loras", str(exc), e.name) from None
-        except LoraNotFound:
-            message = f"unknown adapter {e.name!r}; GET /v1/loras lists them"
-            raise field_error("loras", message, e.name) from None
-        except LoraError as exc:
-            message = f"adapter {e.name!r} cannot be used with model {model!r}: {exc}"
-            raise field_error("loras", message, e.name) from None
-        refs.append(LoraRef(e.name, float(e.scale), sha))
-    return tuple(refs)
+
+@dataclass(frozen=True)
+class _InitImages:
+    image: Any  # PIL.Image.Image, decoded within the limits
+    mask: Any  # PIL.Image.Image or None
+
+
+def _decode_one(text: str | None, data: bytes | None, field: str, s: Settings) -> Any:
+    """An uploaded image (file bytes, or base64 text) decoded within the control-map limits; 422 naming the
+    field otherwise."""
+    try:
+        if data is None:
+            data = decode_base64(text or "", s.max_control_image_bytes, what=field)
+        return decode_image(
+            data, max_bytes=s.max_control_image_bytes, max_pixels=s.max_control_image_pixels, what=field
+        )
+    except ImageDecodeError as exc:
+        raise field_error(field, str(exc)) from None
+
+
+def _decode_init_images(
+    req: GenerateRequest, spec: ModelSpec, s: Settings, image_bytes: bytes | None, mask_bytes: bytes | None
+) -> _InitImages | None:
+    """The init image and mask, checked: a mask needs an image and the image's size; strength needs an
+    image; an inpainting model needs both; an image whose size the model cannot take needs width/height."""
+    has_image = req.image is not None or image_bytes is not None
+    has_mask = req.mask_image is not None or mask_bytes is not None
+    if has_mask and not has_image:
+        raise field_error("mask_image", "a mask needs an image: send image (the picture to inpaint) too")
+    if req.strength is not None and not has_image:
+        message = "strength applies to image-to-image and inpainting: send image"
+        raise field_error("strength", message, req.strength)
+    if spec.inpainting and not (has_image and has_mask):
+        raise field_error(
+            "mask_image" if has_image else "image",
+            f"model {spec.id!r} is an inpainting model (a 9-channel U-Net): send image and mask_image",
+        )
+    if not has_image:
+        return None
+    image = _decode_one(req.image, image_bytes, "image", s)
+    mask = _decode_one(req.mask_image, mask_bytes, "mask_image", s) if has_mask else None
+    if mask is not None and mask.size != image.size:
+        (mw, mh), (iw, ih) = mask.size, image.size
+        message = f"the mask is {mw}x{mh} but the image is {iw}x{ih}: send them at one size"
+        raise field_error("mask_image", message)
+    iw, ih = image.size
+    cap, m = s.max_image_size or spec.sample_size, spec.size_multiple
+    for side, given in ((iw, req.width), (ih, req.height)):
+        if given is None and (side > cap or side % m or side < m):
+            raise field_error(
+                "image",
+                f"image is {iw}x{ih}; model {spec.id!r} takes sizes that are multiples of {m} up to {cap}: "
+                "resize it, or send width and height to have it resized (Lanczos, aspect ratio not kept)",
+            )
+    return _InitImages(image, mask)
+
+
+def _image_fields(
+    init: _InitImages | None, req: GenerateRequest, spec: ModelSpec, steps: int, width: int, height: int,
+    mask_source: str,
+) -> dict[str, Any]:
+    """ResolvedRequest's image-to-image / inpainting fields (none without an image)."""
+    if init is None:
+        return {}
+    strength = req.strength if req.strength is not None else (1.0 if init.mask is not None else 0.8)
+    try:
+        strength_start(steps, strength)
+    except ValueError as exc:
+        raise field_error("strength", str(exc), strength) from None
+    notes = []
+    if init.image.size != (width, height):
+        iw, ih = init.image.size
+        notes.append(f"image was resized from {iw}x{ih} to {width}x{height} (Lanczos; aspect ratio not kept)")
+    mode = None
+    if init.mask is not None:
+        mode = INPAINTING_UNET if spec.inpainting else LATENT_BLEND
+    return {
+        "image": init_image_array(init.image, spec.image_channels, width, height),
+        "mask": None if init.mask is None else mask_array(init.mask, width, height, mask_source),
+        "strength": float(strength),
+        "inpaint_mode": mode,
+        "notes": tuple(notes),
+    }
 
 
 _SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 
 
-def resolve_openai(req: OpenAIImageRequest, ctx: ValidationContext) -> ResolvedRequest:
-    """Map an OpenAI images request onto ``resolve_generate``; a class model takes a class name as prompt."""
+def resolve_openai(
+    req: OpenAIImageRequest,
+    ctx: ValidationContext,
+    *,
+    image_bytes: bytes | None = None,
+    mask_bytes: bytes | None = None,
+    mask_source: str = "luma",
+    strength: float | None = None,
+) -> ResolvedRequest:
+    """Map an OpenAI images request onto ``resolve_generate``; a class model takes a class name as prompt.
+    Edits pass the image, mask (``mask_source`` "alpha": transparent = edit) and strength through."""
     if req.response_format != "b64_json":
         raise field_error(
             "response_format",
@@ -497,19 +569,61 @@ def resolve_openai(req: OpenAIImageRequest, ctx: ValidationContext) -> ResolvedR
     try:
         gen = GenerateRequest(
             model=spec.id, prompt=prompt, negative_prompt=req.negative_prompt, class_label=class_label,
-            loras=req.loras,
             num_inference_steps=req.num_inference_steps, sampler=req.sampler,
             guidance_scale=req.guidance_scale, seed=req.seed, num_images=req.n, width=width, height=height,
+            strength=strength,
         )
     except Exception as exc:  # pydantic.ValidationError: map our field names back onto OpenAI's
         raise field_error("size", str(exc)) from None
     try:
-        return resolve_generate(gen, ctx)
+        return resolve_generate(
+            gen, ctx, image_bytes=image_bytes, mask_bytes=mask_bytes, mask_source=mask_source
+        )
     except RequestValidationError as exc:
-        renamed = {"num_images": "n", "width": "size", "height": "size", "class_label": "prompt"}
+        renamed = {
+            "num_images": "n", "width": "size", "height": "size", "class_label": "prompt",
+            "mask_image": "mask",
+        }
         errors = []
         for err in exc.errors():
             field = err["loc"][-1]
             new = renamed.get(field, field)
             errors.append({**err, "loc": ("body", new), "msg": err["msg"].replace(f"{field}:", f"{new}:", 1)})
         raise RequestValidationError(errors) from None
+
+
+class OpenAIEditRequest(OpenAIImageRequest):
+    """POST /v1/images/edits (multipart: ``image`` file, optional ``mask`` file, ``prompt``, …); unknown
+    OpenAI options (quality, background, input_fidelity, user, …) are ignored."""
+
+    strength: float | None = Field(
+        None, gt=0.0, le=1.0, description="Extension: as /generate's strength (omitted: 1.0 with a mask or a "
+        "transparent image, else 0.8).",
+    )
+
+
+def resolve_openai_edit(
+    req: OpenAIEditRequest, ctx: ValidationContext, image_bytes: bytes, mask_bytes: bytes | None
+) -> ResolvedRequest:
+    """An OpenAI edit as inpainting or image-to-image. OpenAI's mask convention: a PNG with an alpha channel
+    whose transparent pixels (alpha < 128 here; OpenAI says fully transparent) are edited and the rest kept.
+    Without a mask, the image's own transparent pixels are the region to edit (as OpenAI's dall-e-2); an
+    image without transparency is edited as a whole (image-to-image at ``strength``)."""
+    s = ctx.settings
+    source: bytes | None = None
+    if mask_bytes is not None:
+        mask = _decode_one(None, mask_bytes, "mask", s)
+        if mask.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in mask.info:
+            raise field_error(
+                "mask",
+                f"mask has no alpha channel (mode {mask.mode}): OpenAI's edits mask marks the region to edit "
+                "with transparent pixels; send a PNG with alpha, or use /generate's mask_image (white = "
+                "repaint)",
+            )
+        source = mask_bytes
+    else:
+        image = _decode_one(None, image_bytes, "image", s)
+        source = image_bytes if has_transparency(image) else None
+    return resolve_openai(
+        req, ctx, image_bytes=image_bytes, mask_bytes=source, mask_source="alpha", strength=req.strength
+    )
