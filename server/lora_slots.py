@@ -81,6 +81,7 @@ class LoraStats:
     file_reads: int = 0  # adapter files read and parsed
     rows_with_adapter: int = 0  # rows of forward passes that carried at least one adapter
     rows: int = 0  # rows of forward passes, all
+    mixed_passes: int = 0  # passes whose rows carried different adapter sets (none counts as a set)
     wait_seconds: float = 0.0  # the engine thread waited for a file read (the request came before its file)
     resident: int = 0  # adapters in device pages now (all banks)
     host_bytes: int = 0  # host copies now
@@ -338,6 +339,8 @@ class LoraSlots:
             spec.extend([row] * r.rows)
             if r.loras:
                 self.stats.rows_with_adapter += r.rows
+        if len({r.loras for r in requests}) > 1:
+            self.stats.mixed_passes += 1
         index, scale = bs.bank.row_tensors(spec)  # host (B, n)
         dev = bs.bank.index_buf.device
         if dev.type == "cuda":
