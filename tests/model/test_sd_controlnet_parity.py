@@ -425,3 +425,62 @@ def test_controlnet_pairs_with_a_9_channel_inpainting_unet(weights, tmp_path) ->
         got = p.denoiser(x, sigma, context=ctx, control_cond=cond, control_scale=scale, x_concat=concat)
         plain = p.denoiser(x, sigma, context=ctx, x_concat=concat)
     assert torch.equal(got[1], plain[1]) and (got[0] - plain[0]).abs().max() > 1e-3
+
+
+# -- the server's row path (server.worker.Worker) ------------------------------------------------------
+
+
+def _worker_request(p: Pipeline, img: Image.Image, seed: int, start: float, end: float, **kw):
+    from server.request import ControlNetInput, ResolvedRequest
+
+    cn = ControlNetInput("controlnet", np.asarray(img, dtype=np.float32) / 255.0, 0.7, start, end)
+    return ResolvedRequest(
+        model=p.name, prompt=PROMPT, negative_prompt=None, class_label=None, control=None, control_scale=1.0,
+        num_inference_steps=6, sampler="euler", guidance_scale=5.0, seed=seed, num_images=1, width=SIZE,
+        height=SIZE, guided=True, controlnets=(cn,), **kw,
+    )  # fmt: skip
+
+
+def _images(p: Pipeline, worker, state) -> np.ndarray:
+    with torch.no_grad():
+        x = p.vae.decode(state.sampler.result(state.states[0])).float()
+    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_worker_rows_match_diffusers_and_batching(weights, ours, xl_folder, kind) -> None:
+    """A ControlNet request through the worker (prepare, packed steps) matches diffusers; packed with a
+    request without control and one using the net in another window, its bytes do not change."""
+    from model.noise import RequestNoise
+    from server.worker import Worker
+
+    if kind == "sd":
+        p, folder = ours["tiny-sd-cn"], weights / "tiny-sd-cn"
+        cls = diffusers.StableDiffusionControlNetPipeline
+    else:
+        p = load_pipelines(xl_folder.parent, [xl_folder.name])[xl_folder.name]
+        folder, cls = xl_folder, diffusers.StableDiffusionXLControlNetPipeline
+    img = _control_image(5)
+    # buckets of 4+ rows: CPU GEMMs of 2 and 8 rows round differently even without ControlNets
+    w = Worker({p.name: p}, buckets=[4, 8])
+    alone = w.prepare(_worker_request(p, img, 11, 0.0, 0.8))
+    while not w.step([alone])[0]:
+        pass
+    got = _images(p, w, alone)
+    theirs = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    theirs.scheduler = diffusers.EulerDiscreteScheduler.from_config(theirs.scheduler.config)
+    with torch.no_grad():
+        want = theirs(
+            PROMPT, image=img, height=SIZE, width=SIZE, num_inference_steps=6, guidance_scale=5.0,
+            latents=RequestNoise(11).initial((1, 4, 8, 8)), controlnet_conditioning_scale=0.7,
+            control_guidance_start=0.0, control_guidance_end=0.8, output_type="np",
+        ).images  # fmt: skip
+    _check(got, want)
+    # the same request packed with others: byte-identical
+    plain = _worker_request(p, img, 12, 0.0, 1.0)
+    plain.controlnets = ()
+    states = [w.prepare(_worker_request(p, img, 11, 0.0, 0.8)), w.prepare(plain),
+              w.prepare(_worker_request(p, _control_image(6), 13, 0.5, 1.0))]  # fmt: skip
+    while not all(w.step(states)):
+        pass
+    assert np.array_equal(_images(p, w, states[0]), got)
