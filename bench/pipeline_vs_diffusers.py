@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import statistics
 import time
 import traceback
@@ -56,6 +57,11 @@ def build_folder(work: Path, tiny: bool, device: torch.device) -> Path:
         return root
     from tests.model import sd_helpers as h
 
+    # The tokenizer's BPE merges come from the open-clip-torch wheel (pip download, once, cached in
+    # UNET_SERVER_TEST_CACHE); on a machine without an index fail fast: the byte-level fallback vocabulary
+    # changes nothing measured here (prompts are padded to 77 tokens either way).
+    os.environ.setdefault("PIP_RETRIES", "0")
+    os.environ.setdefault("PIP_TIMEOUT", "5")
     if tiny:
         return h.build_tiny_sd(root, scheduler="DPMSolverMultistepScheduler")
     import diffusers

@@ -223,13 +223,14 @@ def load_both(
     return ref, ours, None
 
 
-def compile_module(net: torch.nn.Module, device: torch.device, enabled: bool) -> torch.nn.Module:
-    """torch.compile(mode="default", dynamic=False) on CUDA; the eager backend on CPU (dynamo path only)."""
+def compile_module(net: Any, device: torch.device, enabled: bool) -> Any:
+    """torch.compile(mode="default", dynamic=False) of a module or function on CUDA; on CPU the eager backend
+    (the dynamo path only: Inductor on 2 cores takes minutes)."""
     if not enabled:
         return net
     if device.type == "cuda":
-        return torch.compile(net, mode="default", dynamic=False)  # type: ignore[return-value]
-    return torch.compile(net, backend="eager", dynamic=False)  # type: ignore[return-value]
+        return torch.compile(net, mode="default", dynamic=False)
+    return torch.compile(net, backend="eager", dynamic=False)
 
 
 @dataclass
