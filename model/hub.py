@@ -71,19 +71,26 @@ def _allowed(path: str) -> bool:
 
 
 def select_weight_files(
-    repo_files: list[str], indexes: dict[str, dict], variant: str | None = None
+    repo_files: list[str],
+    indexes: dict[str, dict],
+    variant: str | None = None,
+    components: set[str] | None = None,
 ) -> list[str]:
     """Which ``.safetensors`` files of a repository listing to fetch: one set per component folder.
 
     repo_files: every path in the repository; indexes: the already fetched ``*.safetensors.index*.json``
-    contents by path. Per component (a top-level folder not in SKIPPED_COMPONENTS) the set is the one
-    `model.loading.find_weights` would load: the plain file or index shards, else a variant ("fp16" first);
-    ``variant`` given: that variant first.
+    contents by path. Per component (a top-level folder not in SKIPPED_COMPONENTS; with ``components``,
+    only those: the ones model_index.json names, so SDXL's extra ``vae_1_0/`` is not fetched) the set is
+    the one `model.loading.find_weights` would load: the plain file or index shards, else a variant ("fp16"
+    first); ``variant`` given: that variant first.
     """
     present = set(repo_files)
-    components = sorted({p.split("/", 1)[0] for p in repo_files if "/" in p} - set(SKIPPED_COMPONENTS))
+    folders = {p.split("/", 1)[0] for p in repo_files if "/" in p} - set(SKIPPED_COMPONENTS)
+    if components is not None:
+        folders &= components
+    components_list = sorted(folders)
     chosen: list[str] = []
-    for comp in components:
+    for comp in components_list:
         for stem in _STEMS:
             base = f"{comp}/{stem}"
             variants = sorted(
@@ -111,6 +118,17 @@ def select_weight_files(
                     chosen.extend(f"{comp}/{s}" for s in shards if s.endswith(".safetensors"))
                     break
     return [p for p in chosen if _allowed(p)]
+
+
+def _index_components(snapshot: Path) -> set[str] | None:
+    """The component folders model_index.json names (None without a readable one: every folder)."""
+    try:
+        index = json.loads((snapshot / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(index, dict):
+        return None
+    return {k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1]}
 
 
 def resolve_hub_id(
@@ -163,7 +181,7 @@ def resolve_hub_id(
         for p in files
         if ".safetensors.index" in p and p.endswith(".json") and (Path(path) / p).is_file()
     }
-    weights = select_weight_files(files, indexes, variant)
+    weights = select_weight_files(files, indexes, variant, _index_components(Path(path)))
     try:
         # 2. one set of safetensors per component
         if weights:

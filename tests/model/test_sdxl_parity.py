@@ -250,3 +250,24 @@ def test_refiner_folders_are_refused(folder, tmp_path):
     why = "SDXL refiner folder .*text_encoder_2 only.*requires_aesthetics_score"
     with pytest.raises(PipelineError, match=why):
         load_pipelines(tmp_path, ["refiner"])
+
+
+def test_hub_fetches_only_the_components_model_index_names():
+    """SDXL base's repository also holds vae_1_0/, vae_decoder/ (ONNX) and a single-file checkpoint: only
+    the components of model_index.json are fetched, one safetensors set each (plain files first)."""
+    from model.hub import select_weight_files
+
+    files = [
+        "model_index.json", "sd_xl_base_1.0.safetensors", "vae_1_0/diffusion_pytorch_model.safetensors",
+        "vae_decoder/model.onnx", "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+        "text_encoder_2/model.fp16.safetensors", "tokenizer_2/vocab.json",
+    ]  # fmt: skip
+    components = {"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
+    got = select_weight_files(files, {}, None, components)
+    assert sorted(got) == [
+        "text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+    ]  # fmt: skip
+    assert "vae_1_0/diffusion_pytorch_model.safetensors" in select_weight_files(files, {}, None)
