@@ -33,7 +33,7 @@ _SUFFIXES = {
 def exported_series() -> dict[str, set[str]]:
     """Every series name the server can export -> its label names (histogram buckets add `le`)."""
     metrics = Metrics()
-    metrics.set_gpu_memory_source(lambda: 0.0)  # the CUDA-only gauge is a real export too
+    metrics.set_gpu_memory_source("0", "cuda:0", lambda: 0.0)  # the CUDA-only gauge is a real export too
     out: dict[str, set[str]] = {}
     for obj in vars(metrics).values():
         if not isinstance(obj, MetricWrapperBase):

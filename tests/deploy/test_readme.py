@@ -69,7 +69,7 @@ def test_every_env_var_mentioned_exists(readme: str) -> None:
 
 def test_metrics_table_lists_every_metric_with_type_and_labels(readme: str) -> None:
     metrics = Metrics()
-    metrics.set_gpu_memory_source(lambda: 0.0)
+    metrics.set_gpu_memory_source("0", "cuda:0", lambda: 0.0)
     expected = {}
     for obj in vars(metrics).values():
         if isinstance(obj, MetricWrapperBase):
