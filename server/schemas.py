@@ -34,7 +34,15 @@ from server.imaging import (
     init_image_array,
     mask_array,
 )
-from server.request import MAX_SEED, ControlNetInput, ResolvedRequest, needs_guidance, random_seed, rows_for
+from server.request import (
+    MAX_SEED,
+    ControlNetInput,
+    LoraRef,
+    ResolvedRequest,
+    needs_guidance,
+    random_seed,
+    rows_for,
+)
 from server.settings import Settings
 
 __all__ = [
@@ -85,6 +93,15 @@ class ControlNetRequest(BaseModel):
     guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of the steps it stops after.")
 
 
+class LoraInput(BaseModel):
+    """One LoRA adapter of a request: a name from GET /v1/loras and its scale (0 = as if absent)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=128)
+    scale: float = Field(1.0, ge=-8.0, le=8.0)
+
+
 class GenerateRequest(BaseModel):
     """Body of POST /generate and POST /v1/jobs (JSON, or multipart with a ``control_image`` file)."""
 
@@ -110,6 +127,11 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(1, ge=1, description=IMAGES_CAP)
     width: int | None = Field(None, ge=1, description=SIZE_CAP)
     height: int | None = Field(None, ge=1, description=SIZE_CAP)
+    loras: list[LoraInput] | None = Field(
+        None, description="LoRA adapters applied to this request's rows (U-Net and text encoder), "
+        "e.g. [{\"name\": \"stripes\", \"scale\": 0.8}]; at most UNET_SERVER_LORA_MAX_PER_REQUEST (default "
+        "4).",
+    )
     preview_every: int = Field(
         0, ge=0, le=10_000,
         description="Jobs only: a `preview` event (small PNG of the current estimate) every k steps on the "
@@ -187,6 +209,7 @@ class OpenAIImageRequest(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1, description=STEPS_CAP)
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    loras: list[LoraInput] | None = Field(None, description="LoRA adapters, as on /generate.")
 
 
 class OpenAIImage(BaseModel):
@@ -392,6 +415,7 @@ def resolve_generate(
         width=width,
         height=height,
         guided=guided,
+        loras=_resolve_loras(req, spec.id, ctx),
         controlnets=controlnets,
         **_image_fields(init, req, spec, steps, width, height, mask_source),
     )
@@ -446,6 +470,41 @@ def _resolve_controlnets(
             raise field_error(field, str(exc)) from None
         out.append(ControlNetInput(name, image, e.scale, e.guidance_start, e.guidance_end))
     return tuple(out)
+
+
+def _resolve_loras(req: GenerateRequest, model: str, ctx: ValidationContext) -> tuple[LoraRef, ...]:
+    """The request's adapters checked against the registry and ``model`` (a 422 on ``loras`` saying why)."""
+    entries = list(req.loras or [])
+    if not entries:
+        return ()
+    from model.lora import LoraError
+    from server.loras import LoraNotFound, LoraSettings, registry_for
+
+    cfg = LoraSettings()
+    if not cfg.enabled:
+        raise field_error("loras", "LoRA adapters are disabled on this server (UNET_SERVER_LORA_ENABLED)")
+    if len(entries) > cfg.max_per_request:
+        cap = cfg.max_per_request
+        message = f"{len(entries)} adapters exceed the maximum {cap} (UNET_SERVER_LORA_MAX_PER_REQUEST)"
+        raise field_error("loras", message)
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise field_error("loras", f"an adapter is named twice: {names}")
+    registry = registry_for(ctx.settings)
+    refs = []
+    for e in entries:
+        try:
+            sha = registry.check(e.name, model)
+        except ValueError as exc:  # an invalid name
+            raise field_error("loras", str(exc), e.name) from None
+        except LoraNotFound:
+            message = f"unknown adapter {e.name!r}; GET /v1/loras lists them"
+            raise field_error("loras", message, e.name) from None
+        except LoraError as exc:
+            message = f"adapter {e.name!r} cannot be used with model {model!r}: {exc}"
+            raise field_error("loras", message, e.name) from None
+        refs.append(LoraRef(e.name, float(e.scale), sha))
+    return tuple(refs)
 
 
 # -- image-to-image and inpainting ---------------------------------------------------------------
@@ -569,6 +628,7 @@ def resolve_openai(
     try:
         gen = GenerateRequest(
             model=spec.id, prompt=prompt, negative_prompt=req.negative_prompt, class_label=class_label,
+            loras=req.loras,
             num_inference_steps=req.num_inference_steps, sampler=req.sampler,
             guidance_scale=req.guidance_scale, seed=req.seed, num_images=req.n, width=width, height=height,
             strength=strength,
