@@ -35,7 +35,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("server")
 
-COUNTED_ENDPOINTS = {"/generate": "generate", "/v1/images/generations": "images", "/v1/jobs": "jobs"}
+COUNTED_ENDPOINTS = {
+    "/generate": "generate",
+    "/v1/images/generations": "images",
+    "/v1/images/edits": "edits",
+    "/v1/jobs": "jobs",
+}
 
 
 def _check_sampler(name: str, schedule_kind: str) -> str:
@@ -119,6 +124,9 @@ class _CountRequests:
         import time
 
         start = time.monotonic()
+        # The deadline counts from here: time spent waiting for the event loop before admission is part of
+        # what the client sees (RequestManager.submit sheds a request whose deadline has passed by then).
+        scope.setdefault("state", {})["arrived"] = start
         status = [500]
 
         async def send_wrapper(message: Message) -> None:

@@ -376,9 +376,13 @@ class RequestManager:
         timeout: float,
         is_job: bool = False,
         preview_every: int = 0,
+        arrived: float | None = None,
     ) -> Task:
         """Admit a request and route it to an engine; raises QueueFull (429), Overloaded or EngineStopped
-        (503)."""
+        (503). ``arrived`` (``time.monotonic()`` when the HTTP request reached the app; default now) starts
+        the deadline: time spent before admission counts against ``timeout``."""
+        now = time.monotonic()
+        arrived = now if arrived is None else min(arrived, now)
         if self._stopping or not self._accepting:
             raise EngineStopped(SHUTTING_DOWN)
         serving = [e for e in self.engines if e.client.serving]
@@ -391,20 +395,23 @@ class RequestManager:
         if waiting >= limit:
             raise QueueFull(f"{waiting} requests are waiting (max_queue_size={limit})")
         engine, estimate = self._route(request, serving)
-        if self.shed and estimate is not None and estimate > SHED_MARGIN * timeout:
+        waited = now - arrived  # before admission: the event loop was busy
+        late = waited >= timeout or (estimate is not None and waited + estimate > SHED_MARGIN * timeout)
+        if self.shed and late:
             self.metrics.shed_requests_total.inc()
+            total = waited + (estimate or 0.0)
             raise Overloaded(
-                f"the server is overloaded: this request would take about {estimate:.1f} s, past its "
+                f"the server is overloaded: this request would take about {total:.1f} s, past its "
                 f"{timeout:g} s deadline; retry later",
-                retry_after=max(1, min(RETRY_AFTER_MAX_S, int(estimate - timeout) + 1)),
+                retry_after=max(1, min(RETRY_AFTER_MAX_S, int(total - timeout) + 1)),
             )
         task = Task(
             id=new_id("job" if is_job else "gen"),
             request=request,
             endpoint=endpoint,
             is_job=is_job,
-            created=time.monotonic(),
-            created_wall=time.time(),
+            created=arrived,
+            created_wall=time.time() - (now - arrived),
             preview_every=preview_every,
             total_steps=request.num_inference_steps,
             engine=engine,

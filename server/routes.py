@@ -228,7 +228,10 @@ async def _submit(
 ) -> Task:
     request.state.model = resolved.model
     try:
-        return engine.submit(resolved, endpoint, timeout, is_job=is_job, preview_every=preview_every)
+        arrived = getattr(request.state, "arrived", None)  # set by the app's request-counting middleware
+        return engine.submit(
+            resolved, endpoint, timeout, is_job=is_job, preview_every=preview_every, arrived=arrived
+        )
     except QueueFull:
         raise HTTPException(
             429, "the request queue is full; retry later", headers={"Retry-After": str(engine.retry_after())}

@@ -319,3 +319,22 @@ def test_gpu_engines_sharing_a_card_and_one_per_card_match_one_engine(weights_di
             server.stop()
     for devices in layouts[1:]:
         assert images[devices] == images["auto"], devices  # same graphs, same kernels: the same bytes
+
+
+def test_the_deadline_counts_from_arrival() -> None:
+    """Time a request waited before admission (a busy event loop) counts against its deadline: one that
+    arrives already past it is shed at the door, and the core is told the arrival time."""
+    from server.lifecycle import Overloaded
+
+    async def body() -> None:
+        m, clients = manager(1)
+        m.start(asyncio.get_running_loop())
+        now = time.monotonic()
+        with pytest.raises(Overloaded, match="deadline"):
+            m.submit(request(), "generate", 5.0, arrived=now - 6.0)
+        task = m.submit(request(), "generate", 5.0, arrived=now - 1.0)
+        sent = [msg for msg in clients[0].sent if isinstance(msg, AddRequest)]
+        assert len(sent) == 1 and sent[0].created == task.created == now - 1.0
+        assert m.metrics.shed_requests_total._value.get() == 1  # noqa: SLF001
+
+    asyncio.run(body())
