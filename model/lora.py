@@ -118,6 +118,7 @@ def _canonical(component: str, name: str) -> str:
 def adaptable_layers(module: nn.Module, component: str) -> dict[str, nn.Module]:
     """Module name -> layer for every ``nn.Linear`` (and, in a U-Net, ``nn.Conv2d``) of ``module``."""
     out: dict[str, nn.Module] = {}
+    module = getattr(module, "_orig_mod", module)  # a torch.compile wrapper: the names of the model inside
     for name, m in module.named_modules():
         conv = isinstance(m, nn.Conv2d) and component == "unet" and m.groups == 1
         if isinstance(m, nn.Linear) or conv:
