@@ -28,6 +28,10 @@ class Conditioning(BaseModel):
     classes: list[ClassInfo] | None = Field(None, description="Class labels accepted (class models).")
     text: bool = Field(False, description="Whether a text prompt is accepted.")
     control: ControlInfo | None = Field(None, description="Control map accepted (ControlNet models).")
+    size_conditioning: bool = Field(
+        False, description="SDXL micro-conditioning accepted (original_size, crops_coords_top_left, "
+        "target_size).",
+    )
 
 
 class ModelDefaults(BaseModel):
@@ -120,7 +124,10 @@ def model_spec(p: Any) -> ModelSpec:
         size_multiple=p.size_multiple,
         inpainting=_inpainting_unet(p),
         null_class_label=p.null_class_label,
-        conditioning=Conditioning(classes=classes, text=p.kind == "text", control=control),
+        conditioning=Conditioning(
+            classes=classes, text=p.kind == "text", control=control,
+            size_conditioning=bool(getattr(p, "is_sdxl", False)),
+        ),
         defaults=ModelDefaults(
             sampler=d.sampler,
             num_inference_steps=d.num_inference_steps,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from model.strength import INPAINTING_UNET, LATENT_BLEND, strength_start
 from server.catalog import (
@@ -53,6 +53,8 @@ __all__ = [
 ]
 
 MAX_PROMPT_CHARS = 2000
+MAX_SIZE_CONDITIONING = 16384  # SDXL size/crop conditioning, pixels
+SDXL_FIELDS = ("original_size", "crops_coords_top_left", "target_size")
 # The caps on steps, images and size are settings, checked in ``resolve_generate`` with a message that names
 # the configured cap; the fields carry no static upper bound, which would be the one a user is told first.
 STEPS_CAP = "At most UNET_SERVER_MAX_INFERENCE_STEPS (default 200); omitted = the model's default."
@@ -73,7 +75,6 @@ def field_error(field: str, message: str, value: Any = None) -> RequestValidatio
 # -- models as clients see them: server/catalog.py (no web imports: the engine process builds them) --
 
 # -- /generate ------------------------------------------------------------------------------------
-
 
 MAX_CONTROLNETS = 4  # ControlNets one request may use (each one more encoder pass over its rows)
 
@@ -148,6 +149,35 @@ class GenerateRequest(BaseModel):
         None, gt=0.0, le=1.0, description="With image: the fraction of the steps re-run from the noised "
         "image, in (0, 1]; omitted = 0.8 (image-to-image) or 1.0 (inpainting), as diffusers.",
     )
+    # SDXL micro-conditioning (models with conditioning.size_conditioning); checked in resolve_generate
+    original_size: tuple[int, int] | None = Field(
+        None, description="SDXL: [height, width] the image is conditioned to look cropped/resized from; "
+        "omitted = [height, width].",
+    )
+    crops_coords_top_left: tuple[int, int] | None = Field(
+        None, description="SDXL: [top, left] crop offset conditioning; omitted = [0, 0].",
+    )
+    target_size: tuple[int, int] | None = Field(
+        None, description="SDXL: [height, width] target size conditioning; omitted = [height, width].",
+    )
+
+    @field_validator("original_size", "crops_coords_top_left", "target_size", mode="before")
+    @classmethod
+    def _pair(cls, v: Any, info: ValidationInfo) -> Any:
+        """Two integers: a JSON list, or in multipart forms "1024,1024" / "[1024, 1024]"."""
+        if isinstance(v, str):
+            text = v.strip().strip("[]()")
+            try:
+                v = [int(part) for part in re.split(r"[\s,xX]+", text) if part]
+            except ValueError:
+                raise ValueError(f"{info.field_name}: expected two integers, got {v!r}") from None
+        if isinstance(v, (list, tuple)):
+            low = 0 if info.field_name == "crops_coords_top_left" else 1
+            if len(v) != 2 or not all(isinstance(x, int) and low <= x <= MAX_SIZE_CONDITIONING for x in v):
+                raise ValueError(
+                    f"{info.field_name}: expected two integers in [{low}, {MAX_SIZE_CONDITIONING}], got {v!r}"
+                )
+        return v
 
     @field_validator("controlnets", mode="before")
     @classmethod
@@ -332,6 +362,12 @@ def resolve_generate(
         )
     if req.negative_prompt is not None and not cond.text:
         raise field_error("negative_prompt", f"model {spec.id!r} takes no text", req.negative_prompt)
+    for name in SDXL_FIELDS:
+        if getattr(req, name) is not None and not cond.size_conditioning:
+            raise field_error(
+                name, f"model {spec.id!r} is not an SDXL model; {name} is SDXL size/crop micro-conditioning",
+                getattr(req, name),
+            )
     class_label = None
     if req.class_label is not None:
         if not cond.classes:
@@ -418,6 +454,9 @@ def resolve_generate(
         loras=_resolve_loras(req, spec.id, ctx),
         controlnets=controlnets,
         **_image_fields(init, req, spec, steps, width, height, mask_source),
+        original_size=req.original_size,
+        crops_coords_top_left=req.crops_coords_top_left,
+        target_size=req.target_size,
     )
 
 
@@ -470,41 +509,6 @@ def _resolve_controlnets(
             raise field_error(field, str(exc)) from None
         out.append(ControlNetInput(name, image, e.scale, e.guidance_start, e.guidance_end))
     return tuple(out)
-
-
-def _resolve_loras(req: GenerateRequest, model: str, ctx: ValidationContext) -> tuple[LoraRef, ...]:
-    """The request's adapters checked against the registry and ``model`` (a 422 on ``loras`` saying why)."""
-    entries = list(req.loras or [])
-    if not entries:
-        return ()
-    from model.lora import LoraError
-    from server.loras import LoraNotFound, LoraSettings, registry_for
-
-    cfg = LoraSettings()
-    if not cfg.enabled:
-        raise field_error("loras", "LoRA adapters are disabled on this server (UNET_SERVER_LORA_ENABLED)")
-    if len(entries) > cfg.max_per_request:
-        cap = cfg.max_per_request
-        message = f"{len(entries)} adapters exceed the maximum {cap} (UNET_SERVER_LORA_MAX_PER_REQUEST)"
-        raise field_error("loras", message)
-    names = [e.name for e in entries]
-    if len(set(names)) != len(names):
-        raise field_error("loras", f"an adapter is named twice: {names}")
-    registry = registry_for(ctx.settings)
-    refs = []
-    for e in entries:
-        try:
-            sha = registry.check(e.name, model)
-        except ValueError as exc:  # an invalid name
-            raise field_error("loras", str(exc), e.name) from None
-        except LoraNotFound:
-            message = f"unknown adapter {e.name!r}; GET /v1/loras lists them"
-            raise field_error("loras", message, e.name) from None
-        except LoraError as exc:
-            message = f"adapter {e.name!r} cannot be used with model {model!r}: {exc}"
-            raise field_error("loras", message, e.name) from None
-        refs.append(LoraRef(e.name, float(e.scale), sha))
-    return tuple(refs)
 
 
 # -- image-to-image and inpainting ---------------------------------------------------------------
@@ -592,6 +596,41 @@ def _image_fields(
         "inpaint_mode": mode,
         "notes": tuple(notes),
     }
+
+
+def _resolve_loras(req: GenerateRequest, model: str, ctx: ValidationContext) -> tuple[LoraRef, ...]:
+    """The request's adapters checked against the registry and ``model`` (a 422 on ``loras`` saying why)."""
+    entries = list(req.loras or [])
+    if not entries:
+        return ()
+    from model.lora import LoraError
+    from server.loras import LoraNotFound, LoraSettings, registry_for
+
+    cfg = LoraSettings()
+    if not cfg.enabled:
+        raise field_error("loras", "LoRA adapters are disabled on this server (UNET_SERVER_LORA_ENABLED)")
+    if len(entries) > cfg.max_per_request:
+        cap = cfg.max_per_request
+        message = f"{len(entries)} adapters exceed the maximum {cap} (UNET_SERVER_LORA_MAX_PER_REQUEST)"
+        raise field_error("loras", message)
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise field_error("loras", f"an adapter is named twice: {names}")
+    registry = registry_for(ctx.settings)
+    refs = []
+    for e in entries:
+        try:
+            sha = registry.check(e.name, model)
+        except ValueError as exc:  # an invalid name
+            raise field_error("loras", str(exc), e.name) from None
+        except LoraNotFound:
+            message = f"unknown adapter {e.name!r}; GET /v1/loras lists them"
+            raise field_error("loras", message, e.name) from None
+        except LoraError as exc:
+            message = f"adapter {e.name!r} cannot be used with model {model!r}: {exc}"
+            raise field_error("loras", message, e.name) from None
+        refs.append(LoraRef(e.name, float(e.scale), sha))
+    return tuple(refs)
 
 
 _SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")

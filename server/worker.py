@@ -75,6 +75,7 @@ class RequestState:
     loras: tuple[tuple[tuple[str, str], float], ...] = ()  # ((name, sha256), scale) each (server.lora_slots)
     controls: list[ControlInput] = field(default_factory=list)  # SD ControlNets (model.sd_controlnet)
     x_concat: torch.Tensor | None = None  # (rows, 1 + C, h, w): inpainting U-Net mask + masked latent
+    added_cond: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds (rows, P), time_ids (rows, 6)
     known: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # blend mode: per image (x0, ε) (1, C, h, w)
     blend_mask: torch.Tensor | None = None  # (1, 1, h, w), 1 = repaint (blend mode)
 
@@ -127,7 +128,10 @@ class Worker:
         first = next(iter(pipelines.values()))
         self.device = first.device
         # (id(encoder), prompt) -> (context rows (L, D), whether the prompt was truncated), LRU
-        self._prompt_cache: OrderedDict[tuple[int, str], tuple[torch.Tensor, bool]] = OrderedDict()
+        # SDXL: also its pooled text embeds (P,), else None
+        self._prompt_cache: OrderedDict[tuple[int, str], tuple[torch.Tensor, bool, torch.Tensor | None]] = (
+            OrderedDict()
+        )
         self._prompt_cache_size = prompt_cache_size
         self.prompt_cache_hits = 0  # prompts found in the cache (counters; the core reports deltas)
         self.prompt_cache_misses = 0
@@ -174,8 +178,9 @@ class Worker:
 
     def _encode(
         self, pipeline: Pipeline, prompts: list[str], count_hits: bool = True, encoder: Any = None
-    ) -> list[tuple[torch.Tensor, bool]]:
-        """(context rows (L, D), truncated) per prompt, from the cache or one batched encoder call.
+    ) -> list[tuple[torch.Tensor, bool, torch.Tensor | None]]:
+        """(context rows (L, D), truncated, pooled (P,) for SDXL else None) per prompt, from the cache or one
+        batched encoder call.
 
         ``count_hits=False``: a second lookup of prompts already counted (``prepare`` after
         ``encode_prompts``); only prompts it has to encode itself count, as misses."""
@@ -185,13 +190,16 @@ class Worker:
         if count_hits:
             self.prompt_cache_hits += len(prompts) - len(missing)
         if missing:
+            pooled: list[torch.Tensor | None] = [None] * len(missing)
             if hasattr(enc, "encode_with_info"):  # CLIP: also says which prompts were cut at 77 tokens
                 info = enc.encode_with_info(missing)
                 states, truncated = info.states.to(self.device), list(info.truncated)  # (M, L, D)
+                if getattr(info, "pooled", None) is not None:  # SDXL: (M, P)
+                    pooled = list(info.pooled.to(self.device))
             else:
                 states, truncated = enc.encode(missing).to(self.device), [False] * len(missing)
-            for prompt, row, cut in zip(missing, states, truncated, strict=True):
-                self._prompt_cache[(id(enc), prompt)] = (row, bool(cut))
+            for prompt, row, cut, pool in zip(missing, states, truncated, pooled, strict=True):
+                self._prompt_cache[(id(enc), prompt)] = (row, bool(cut), pool)
         out = []
         for p in prompts:
             self._prompt_cache.move_to_end((id(enc), p))
@@ -237,7 +245,7 @@ class Worker:
         else:
             states, x_concat, known, blend_mask = self._image_states(p, req, sampler, sigmas)
 
-        class_labels = context = control = None
+        class_labels = context = control = added_cond = None
         warnings: list[str] = list(getattr(req, "notes", ()))
         if p.kind == "class":
             null = p.null_class_label
@@ -249,9 +257,11 @@ class Worker:
         else:
             enc = self._text_encoder(p, req)
             encoded = self._encode(p, self._prompts(req), False, enc)  # counted by encode_prompts
-            context = torch.cat([row.expand(n, *row.shape) for row, _ in encoded])  # (rows, L, D)
+            context = torch.cat([row.expand(n, *row.shape) for row, *_ in encoded])  # (rows, L, D)
+            if p.is_sdxl:  # zero uncond rows as diffusers, and per-row pooled embeds + size/crop ids
+                context, added_cond = self._sdxl_rows(p, req, encoded)
             limit = getattr(p.text_encoder, "max_length", None)
-            for (_, cut), field in zip(encoded, ("prompt", "negative_prompt"), strict=False):
+            for (_, cut, _), field in zip(encoded, ("prompt", "negative_prompt"), strict=False):
                 if cut:
                     warnings.append(f"{field} was truncated to the text encoder's {limit} tokens")
         if req.control is not None:
@@ -275,7 +285,27 @@ class Worker:
             x_concat=x_concat,
             known=known,
             blend_mask=blend_mask,
+            added_cond=added_cond,
         )
+
+    @staticmethod
+    def _sdxl_rows(
+        p: Pipeline, req: ResolvedRequest, encoded: list[tuple[torch.Tensor, bool, torch.Tensor | None]]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """SDXL rows (model.sdxl): context (rows, L, D) and {"text_embeds": (rows, P), "time_ids": (rows, 6)};
+        no negative prompt with force_zeros_for_empty_prompt gives zero uncond rows."""
+        from model.sdxl import conditioning_rows, time_ids, zero_uncond
+
+        (c_states, _, c_pooled), *rest = encoded
+        assert c_pooled is not None  # an SDXL text encoder returns pooled embeds
+        uncond = None
+        if req.guided:
+            u_states, _, u_pooled = rest[0]
+            assert u_pooled is not None
+            uncond = (u_states, u_pooled)
+        ids = time_ids(req.height, req.width, req.original_size, req.crops_coords_top_left, req.target_size)
+        zeros = zero_uncond(req.negative_prompt, p.force_zeros_for_empty_prompt)
+        return conditioning_rows((c_states, c_pooled), uncond, ids, req.num_images, zeros)
 
     def _image_states(
         self, p: Pipeline, req: ResolvedRequest, sampler: Sampler, sigmas: torch.Tensor
@@ -381,7 +411,13 @@ class Worker:
         x_concat = None
         if requests[0].x_concat is not None:  # an inpainting U-Net: every row of the batch carries them
             x_concat = torch.cat([r.x_concat for r in requests])  # type: ignore[misc]  # (B, 1 + C, h, w)
-        return self._forward(denoiser, x, sigma, class_labels, context, control, scale, x_concat)
+        added_cond = None
+        if head.is_sdxl:  # every row of an SDXL U-Net's batch carries them: (B, P) and (B, 6)
+            conds = [r.added_cond for r in requests if r.added_cond is not None]
+            added_cond = {k: torch.cat([c[k] for c in conds]) for k in ("text_embeds", "time_ids")}
+        return self._forward(
+            denoiser, x, sigma, class_labels, context, control, scale, x_concat, added_cond=added_cond
+        )
 
     @staticmethod
     def _sd_controls(
@@ -468,6 +504,7 @@ class Worker:
         control: torch.Tensor | None,
         scale: torch.Tensor | None,
         x_concat: torch.Tensor | None = None,
+        added_cond: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The denoiser on rows padded up to their bucket; returns the real rows (a copy).
 
@@ -477,6 +514,8 @@ class Worker:
         independent of the other rows on CPU (byte-exact batch invariance)."""
         runner = self._runner(denoiser, x, control)
         extra: dict[str, Any] = {} if x_concat is None else {"x_concat": x_concat}  # inpainting U-Nets
+        if added_cond is not None:  # SDXL: padded into the bucket like every other input
+            extra["added_cond"] = added_cond
         return runner(
             x, sigma, class_labels=class_labels, context=context, control_cond=control, control_scale=scale,
             **extra,
@@ -588,6 +627,13 @@ class Worker:
             example["class_labels"] = torch.full((rows,), label, dtype=torch.long, device=dev)
         else:
             example["context"] = self._encode(p, [""])[0][0].expand(rows, -1, -1)  # (rows, L, D)
+        if p.is_sdxl:
+            from model.sdxl import time_ids
+
+            pooled = self._encode(p, [""])[0][2]
+            assert pooled is not None
+            ids = torch.tensor([time_ids(d.height, d.width)], dtype=torch.float32, device=dev)  # (1, 6)
+            example["added_cond"] = {"text_embeds": pooled.expand(rows, -1), "time_ids": ids.expand(rows, -1)}
         if p.control and p.control.get("controlnets"):  # SD: every net of the model, (rows, ΣC, H, W)
             channels = getattr(p.controlnet, "channels", (1,))
             example["control_cond"] = torch.zeros(rows, sum(channels), d.height, d.width, device=dev)
@@ -638,6 +684,7 @@ class Worker:
                     e["control_cond"],
                     e["control_scale"],
                     e.get("x_concat"),
+                    added_cond=e.get("added_cond"),
                 )
                 self.warmed.add((key, b))
         self._warmup_lora()
