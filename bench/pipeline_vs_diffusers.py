@@ -384,6 +384,7 @@ def main(argv: list[str] | None = None) -> None:
                 if args.verbose:
                     traceback.print_exc()
             d = None  # type: ignore[assignment]
+            torch._dynamo.reset()  # drops the compiled code and its CUDA-graph pools before the server runs
             common.free_memory()
         if server is not None:
             try:

@@ -272,8 +272,9 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def bench_spec(
     spec: Spec, batches: list[int], args: argparse.Namespace, device: torch.device, report: common.Report,
-    budget: common.Budget,
-) -> list[dict[str, Any]]:  # fmt: skip
+    budget: common.Budget, rows: list[dict[str, Any]],
+) -> None:  # fmt: skip
+    """Measure one model; append a row per batch to ``rows`` (the report is rewritten after each)."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     t0 = time.monotonic()
     folder = random_folder(spec, Path(args.work_dir), device)
@@ -283,10 +284,10 @@ def bench_spec(
     report.note(
         f"{spec.name}: {params:.0f}M params, folder {folder}, made+loaded in {time.monotonic() - t0:.1f}s"
     )
-    rows: list[dict[str, Any]] = []
     if ours is None:
         report.note(f"{spec.name}: SKIPPED, our U-Net cannot load/run this config yet: {why}")
-        return [{"model": spec.name, "batch": b, "note": "skipped: ours unsupported"} for b in batches]
+        rows += [{"model": spec.name, "batch": b, "note": "skipped: ours unsupported"} for b in batches]
+        return
     inputs = make_inputs(spec, max(batches), device, dtype)
     with torch.no_grad():
         one = {k: v[:1] for k, v in inputs.items()}
@@ -355,17 +356,26 @@ def bench_spec(
             if args.verbose:
                 traceback.print_exc()
         rows.append(row)
+        publish(report, rows)
         print(f"  {spec.name} batch {b}: {common.fmt(row.get('diffusers ms'))} ms diffusers, "
               f"{common.fmt(row.get('ours ms'))} ms ours", flush=True)  # fmt: skip
     for r in runners:
-        row = next((x for x in rows if x["batch"] == min(batches)), None)
+        row = next((x for x in rows if x["model"] == spec.name and x["batch"] == min(batches)), None)
         if row is not None:
             row[f"{r.name} setup s"] = r.setup_s
         r.graphed._signatures.clear()
     runners.clear()
     by.clear()
     common.free_memory()
-    return rows
+    publish(report, rows)
+
+
+def publish(report: common.Report, rows: list[dict[str, Any]]) -> None:
+    """(Re)write the one table: a run cut short by its time limit still leaves every finished row."""
+    report.tables.clear()
+    report.table(
+        "U-Net forward: ours vs diffusers (ms per forward; speedup = diffusers / ours)", rows, COLUMNS
+    )
 
 
 COLUMNS = [
@@ -410,16 +420,13 @@ def main(argv: list[str] | None = None) -> None:
             report.note(f"{spec.name}: skipped (budget)")
             continue
         try:
-            rows += bench_spec(spec, batches, args, device, report, budget)
+            bench_spec(spec, batches, args, device, report, budget, rows)
         except Exception as e:  # noqa: BLE001
             report.note(f"{spec.name}: FAILED: {type(e).__name__}: {str(e)[:400]}")
             if args.verbose:
                 traceback.print_exc()
         common.free_memory()
-        report.tables.clear()
-        report.table(
-            "U-Net forward: ours vs diffusers (ms per forward; speedup = diffusers / ours)", rows, COLUMNS
-        )
+        publish(report, rows)
     report.print_all()
 
 
