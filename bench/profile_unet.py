@@ -41,6 +41,12 @@ KINDS = ("convolution", "GEMM", "attention", "norm/pointwise", "other")
 def kernel_kind(name: str) -> str:
     """A CUDA kernel's (or, on CPU, an aten op's) kind from its name."""
     n = name.lower()
+    if n.startswith("triton_tem"):  # Inductor's template kernels (max-autotune): matmuls / convolutions
+        return "convolution" if "conv" in n else "GEMM"
+    if n.startswith(
+        "triton"
+    ):  # Inductor's fused kernels are named after what they fuse ("..._convolution_...")
+        return "norm/pointwise"
     if any(k in n for k in ("flash", "fmha", "sdpa", "attention", "attn")):
         return "attention"
     if any(k in n for k in ("fprop", "conv", "implicit", "dgrad", "wgrad", "winograd", "krsc", "cudnn")):
@@ -51,7 +57,8 @@ def kernel_kind(name: str) -> str:
         return "GEMM"
     if "memcpy" in n or "memset" in n:
         return "other"
-    pointwise = ("triton", "elementwise", "vectorized", "reduce", "norm", "softmax", "silu", "gelu", "aten::")
+    pointwise = ("elementwise", "vectorized", "reduce", "norm", "softmax", "silu", "gelu", "copy", "cat",
+                 "fill", "upsample", "index", "gather", "aten::")  # fmt: skip
     if any(k in n for k in pointwise):
         return "norm/pointwise"
     return "other"
