@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.seeds import MAX_SEED, random_seed
+from model.strength import strength_start
 
 __all__ = [
     "MAX_SEED",
@@ -104,3 +105,11 @@ class ResolvedRequest:
     @property
     def rows(self) -> int:
         return rows_for(self.num_images, self.guided)
+
+    @property
+    def sampling_steps(self) -> int:
+        """Steps the sampler runs: num_inference_steps, or for image-to-image / inpainting the strength's
+        share, int(steps · strength) (model.strength)."""
+        if self.image is None:
+            return self.num_inference_steps
+        return self.num_inference_steps - strength_start(self.num_inference_steps, self.strength)
