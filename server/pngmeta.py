@@ -35,10 +35,12 @@ _LABELS = {
     "class_label": "Class",
     "class_name": "Class name",
     "control_scale": "Control scale",
+    "strength": "Denoising strength",  # A1111's name for img2img / inpainting strength
+    "inpaint_mode": "Inpaint mode",
 }
 _FIELDS = {label: name for name, label in _LABELS.items()}
 _INT_FIELDS = {"num_inference_steps", "seed", "width", "height", "num_images", "class_label"}
-_FLOAT_FIELDS = {"guidance_scale", "control_scale"}
+_FLOAT_FIELDS = {"guidance_scale", "control_scale", "strength"}
 # A1111's own splitter: `key: value` where value is a JSON string or runs to the next comma.
 _PAIR_RE = re.compile(r'\s*([\w ][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
@@ -80,6 +82,10 @@ def image_parameters(request: Any, index: int = 0, class_name: str | None = None
         "width": request.width,
         "height": request.height,
         "control_scale": request.control_scale if request.control is not None else None,
+        # image-to-image / inpainting: the strength and mode (the init image and mask, like the control
+        # map, are images, not parameters)
+        "strength": request.strength if getattr(request, "image", None) is not None else None,
+        "inpaint_mode": getattr(request, "inpaint_mode", None),
     }
     for name in ("original_size", "crops_coords_top_left", "target_size"):  # SDXL, when sent
         value = getattr(request, name, None)
