@@ -69,6 +69,7 @@ class BankState:
     specs: dict[str, dict[str, LayerSpec]]
     family: str | None
     free: list[int]
+    convs: bool  # LoCon tables (3x3 convolutions) in this bank
     resident: OrderedDict[Key, list[int]] = field(default_factory=OrderedDict)  # LRU order, oldest first
 
 
@@ -135,10 +136,11 @@ class LoraSlots:
                 continue
             te = text_encoder_module(p)
             modules = {"unet": p.unet, "text_encoder": te}
-            bank = LoraBank(modules, s.pages + 1, s.page_rank, s.row_pages, max_rows=max_rows, convs=s.convs)
+            convs = s.convs_for(sum(q.numel() for q in p.unet.parameters()))
+            bank = LoraBank(modules, s.pages + 1, s.page_rank, s.row_pages, max_rows=max_rows, convs=convs)
             specs = layer_specs(modules)
             free = list(range(1, s.pages + 1))
-            self._banks[id(p.unet)] = BankState(bank, p, specs, model_family(p.unet.config), free)
+            self._banks[id(p.unet)] = BankState(bank, p, specs, model_family(p.unet.config), free, convs)
         self._host: OrderedDict[tuple[int, Key], LoraAdapter] = OrderedDict()  # (id(unet), key) -> adapter
         self._host_bytes = 0
         self._futures: dict[tuple[int, Key], Future[LoraAdapter]] = {}
@@ -197,7 +199,7 @@ class LoraSlots:
         if hashlib.sha256(data).hexdigest() != sha:
             raise LoraError(f"adapter {name!r} changed on disk since the request was admitted")
         tensors, meta = read_safetensors(data)
-        adapter = parse_lora(tensors, bs.specs, meta, bs.family, f"model {model!r}", self.settings.convs)
+        adapter = parse_lora(tensors, bs.specs, meta, bs.family, f"model {model!r}", bs.convs)
         bs.bank.pages_for(adapter)  # fits a row and the bank's layers, or says why
         self.stats.file_reads += 1
         return bs.bank.host_copy(adapter, pin=self._pin)

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +34,7 @@ from model.lora import LayerSpec, LoraAdapter, LoraError, model_family, parse_lo
 from model.pipeline import _NAME_RE
 
 SUFFIX = ".safetensors"
+CONVS_AUTO_PARAMS = 100_000_000  # "auto" LoCon below this many U-Net parameters
 
 
 class LoraSettings(BaseSettings):
@@ -55,9 +56,18 @@ class LoraSettings(BaseSettings):
     row_pages: int = Field(4, ge=1)
     # Adapters one request may name.
     max_per_request: int = Field(4, ge=1)
-    # Adapt the U-Net's convolutions too (LoCon files). Their pages cost in·kh·kw per rank column and every
-    # forward with adapters runs the grouped convolutions, so it is opt-in.
-    convs: bool = False
+    # Adapt the U-Net's 3x3 convolutions too (LoCon files): "true", "false", or "auto" = for U-Nets under
+    # CONVS_AUTO_PARAMS parameters (the shipped models) and not for SD-sized ones, where their pages cost
+    # in·kh·kw per rank column and every pass with adapters runs the grouped convolutions. 1x1 convolutions
+    # (SD 1.x attention projections) are linear layers and always adapted.
+    convs: Literal["auto", "true", "false"] = "auto"
+
+    def convs_for(self, unet_parameters: int) -> bool:
+        """Whether a U-Net of that many parameters gets LoCon tables."""
+        if self.convs == "auto":
+            return unet_parameters < CONVS_AUTO_PARAMS
+        return self.convs == "true"
+
     # Parsed adapters kept in host memory (evicted from device pages, reloaded from here without disk).
     host_cache_bytes: int = Field(4 * 1024**3, ge=0)
 
@@ -153,8 +163,9 @@ def header_tensors(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
     return out, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
-def _meta_specs(weights_dir: Path, model: str) -> tuple[dict[str, dict[str, LayerSpec]], str | None]:
-    """Layer specs and family of a served model, from meta-device copies built from its folder's configs."""
+def _meta_specs(weights_dir: Path, model: str) -> tuple[dict[str, dict[str, LayerSpec]], str | None, int]:
+    """Layer specs, family and U-Net parameter count of a served model, from meta-device copies built from
+    its folder's configs."""
     import torch
 
     from model.config import UNetConfig
@@ -178,19 +189,20 @@ def _meta_specs(weights_dir: Path, model: str) -> tuple[dict[str, dict[str, Laye
                 if (folder / comp / "config.json").is_file():
                     cfg = CLIPTextConfig.from_pretrained(str(folder / comp), local_files_only=True)
                     modules[comp] = CLIPTextModel(cfg)
-    return layer_specs(modules), model_family(config)
+    params = sum(p.numel() for p in modules["unet"].parameters())
+    return layer_specs(modules), model_family(config), params
 
 
 class LoraRegistry:
     """The adapter folder (thread-safe; file work off the event loop)."""
 
-    def __init__(self, root: Path, weights_dir: Path, max_upload_bytes: int, convs: bool = False) -> None:
+    def __init__(self, root: Path, weights_dir: Path, max_upload_bytes: int, convs: str = "auto") -> None:
         self.root = Path(root)
-        self.convs = convs  # LoCon accepted (the engine's UNET_SERVER_LORA_CONVS)
+        self.convs = convs  # UNET_SERVER_LORA_CONVS, as the engine reads it
         self.weights_dir = Path(weights_dir)
         self.max_upload_bytes = max_upload_bytes
         self._lock = threading.Lock()
-        self._specs: dict[str, tuple[dict[str, dict[str, LayerSpec]], str | None]] = {}
+        self._specs: dict[str, tuple[dict[str, dict[str, LayerSpec]], str | None, int]] = {}
         self._checks: dict[tuple[str, str], str | None] = {}  # (sha256, model) -> None or why not
         self._infos: dict[str, tuple[tuple[int, int], LoraFileInfo]] = {}  # name -> ((size, mtime), info)
 
@@ -207,7 +219,7 @@ class LoraRegistry:
             if p.name.endswith(SUFFIX) and _NAME_RE.match(p.name[: -len(SUFFIX)]) and p.is_file()
         )
 
-    def specs(self, model: str) -> tuple[dict[str, dict[str, LayerSpec]], str | None]:
+    def specs(self, model: str) -> tuple[dict[str, dict[str, LayerSpec]], str | None, int]:
         with self._lock:
             cached = self._specs.get(model)
         if cached is None:
@@ -218,8 +230,9 @@ class LoraRegistry:
 
     def _parse(self, data: bytes, model: str) -> LoraAdapter:
         tensors, meta = header_tensors(data)
-        specs, family = self.specs(model)
-        return parse_lora(tensors, specs, meta, family, f"model {model!r}", self.convs)
+        specs, family, params = self.specs(model)
+        convs = LoraSettings(convs=self.convs).convs_for(params)
+        return parse_lora(tensors, specs, meta, family, f"model {model!r}", convs)
 
     def _describe(self, name: str, data: bytes, models: Iterable[str]) -> LoraFileInfo:
         """Check ``data`` against every model; LoraError when it is not an adapter file at all."""

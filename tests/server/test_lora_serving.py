@@ -1,8 +1,8 @@
 """LoRA adapters through the real app (CPU, thread engine, a tiny Stable Diffusion folder).
 
-* 12 concurrent requests over 3 adapters (one per format: diffusers/PEFT with text-encoder layers, kohya,
-  older lora.down/up), 2 combinations and none, with different samplers and step counts, give the bytes
-  each gives sent alone — rows with different adapters share forward passes;
+* 12 concurrent requests over 3 adapters (one per format: diffusers/PEFT with text-encoder layers, kohya
+  with LoCon 3x3 convolutions, older lora.down/up), 2 combinations and none, with different samplers and
+  step counts, give the bytes each gives sent alone — rows with different adapters share forward passes;
 * scale 0 gives the bytes of no adapter; /v1/jobs and the OpenAI route take ``loras`` too;
 * the registry through HTTP: upload, list, use, delete; refusals (oversized, pickle, unknown keys, another
   architecture, a name taken, a name in use by a queued request);
@@ -27,7 +27,14 @@ import torch
 from PIL import Image
 
 from model.lora import layer_specs
-from tests.model.lora_helpers import random_layers, write_diffusers_old, write_kohya, write_peft
+from tests.model.lora_helpers import (
+    ATTENTION,
+    LOCON,
+    random_layers,
+    write_diffusers_old,
+    write_kohya,
+    write_peft,
+)
 from tests.model.sd_helpers import build_tiny_sd
 from tests.server.conftest import LiveServer, start_server
 
@@ -92,7 +99,10 @@ def files(root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, byt
     paths = {
         "peft": write_peft(d / "a.safetensors", random_layers(specs, 4, seed=1, std=0.6), 4, 8.0, specs),
         "kohya": write_kohya(
-            d / "b.safetensors", random_layers(specs, 4, seed=2, text=(), std=0.6), 4.0, specs
+            d / "b.safetensors",
+            random_layers(specs, 4, seed=2, unet=ATTENTION + LOCON, text=(), std=0.6),
+            4.0,
+            specs,
         ),
         "old": write_diffusers_old(d / "c.safetensors", random_layers(specs, 4, seed=3, std=0.6), specs),
     }
