@@ -49,7 +49,7 @@ class LoraSettings(BaseSettings):
     # Largest adapter file accepted by POST /v1/loras.
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     # Device pages per adapted layer, beyond the zero page; an adapter of rank r takes ceil(r / page_rank).
-    pages: int = Field(32, ge=1)
+    pages: int = Field(16, ge=1)
     # Rank columns per page.
     page_rank: int = Field(16, ge=1)
     # Pages one row may use: the rank budget of a request's adapters together is row_pages * page_rank.
