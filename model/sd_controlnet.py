@@ -163,7 +163,7 @@ def pack_controls(
         for name, ch in zip(multi.names, multi.channels, strict=True):
             c = by_name.get(name)
             on = c is not None and guidance_keep(step, steps, c.guidance_start, c.guidance_end)
-            images.append(c.image if c is not None else blank[ch])
+            images.append(c.image.to(dev) if c is not None else blank[ch])
             row_scales.append(c.scale if (c is not None and on) else 0.0)
         scales.append(row_scales)
     k = len(multi.names)

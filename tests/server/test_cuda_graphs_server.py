@@ -121,8 +121,8 @@ def test_graphed_forward_matches_eager_denoiser(graphed: LiveServer) -> None:
     rows, size = 5, p.defaults.height
     x = (torch.randn(rows, 3, size, size, generator=g) * 2).cuda()
     sigma = torch.rand(rows, generator=g, dtype=torch.float64).cuda() * 0.9 + 0.05
-    context = worker._encode(p, ["a", "b", "c", "d", "e"])
-    context = torch.stack(context)  # (rows, L, D)
+    encoded = worker._encode(p, ["a", "b", "c", "d", "e"])  # per prompt: (context, truncated, pooled)
+    context = torch.stack([c for c, _, _ in encoded])  # (rows, L, D)
     control = (torch.rand(rows, 1, size, size, generator=g) > 0.8).float().cuda()
     mask = torch.tensor([True, False, True, False, False])
     scale = torch.where(mask, 0.7, 0.0).cuda()
