@@ -707,8 +707,15 @@ def resolve_openai_edit(
     """An OpenAI edit as inpainting or image-to-image. OpenAI's mask convention: a PNG with an alpha channel
     whose transparent pixels (alpha < 128 here; OpenAI says fully transparent) are edited and the rest kept.
     Without a mask, the image's own transparent pixels are the region to edit (as OpenAI's dall-e-2); an
-    image without transparency is edited as a whole (image-to-image at ``strength``)."""
+    image without transparency is edited as a whole (image-to-image at ``strength``). Without ``size``, an
+    image whose size the model cannot take is resized to the model's default size (OpenAI's clients send
+    whatever size the picture has); /generate refuses it instead."""
     s = ctx.settings
+    image = _decode_one(None, image_bytes, "image", s)
+    spec = _pick_model(req.model, ctx)
+    cap, m = s.max_image_size or spec.sample_size, spec.size_multiple
+    if req.size in (None, "auto") and any(side > cap or side % m or side < m for side in image.size):
+        req = req.model_copy(update={"size": f"{spec.defaults.width}x{spec.defaults.height}"})
     source: bytes | None = None
     if mask_bytes is not None:
         mask = _decode_one(None, mask_bytes, "mask", s)
@@ -720,9 +727,8 @@ def resolve_openai_edit(
                 "repaint)",
             )
         source = mask_bytes
-    else:
-        image = _decode_one(None, image_bytes, "image", s)
-        source = image_bytes if has_transparency(image) else None
+    elif has_transparency(image):
+        source = image_bytes
     return resolve_openai(
         req, ctx, image_bytes=image_bytes, mask_bytes=source, mask_source="alpha", strength=req.strength
     )
