@@ -104,6 +104,13 @@ def test_an_opaque_image_without_a_mask_is_image_to_image(client: openai.OpenAI)
     assert len(raw.parse().data) == 1
 
 
+def test_an_image_the_model_cannot_take_is_resized_to_its_default_size(client: openai.OpenAI) -> None:
+    odd = make_image(60).crop((0, 0, 60, 56))  # not a multiple of 8: /generate would refuse it
+    result = client.images.edit(image=("i.png", png(odd), "image/png"), prompt="a bag", model="tiny-sd",
+                                extra_body=EXTRA)  # fmt: skip
+    assert pixels(result.data[0].b64_json).shape == (64, 64, 3)
+
+
 def test_the_inpainting_model(client: openai.OpenAI) -> None:
     raw = client.images.with_raw_response.edit(
         image=("i.png", png(make_image()), "image/png"), mask=("m.png", png(openai_mask()), "image/png"),
