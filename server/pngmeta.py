@@ -37,6 +37,7 @@ _LABELS = {
     "control_scale": "Control scale",
     "strength": "Denoising strength",  # A1111's name for img2img / inpainting strength
     "inpaint_mode": "Inpaint mode",
+    "loras": "LoRAs",  # ours: "name:scale, name:scale"
 }
 _FIELDS = {label: name for name, label in _LABELS.items()}
 _INT_FIELDS = {"num_inference_steps", "seed", "width", "height", "num_images", "class_label"}
@@ -59,6 +60,8 @@ def parameters_text(params: dict[str, Any]) -> str:
     values = dict(params)
     if params.get("width") is not None and params.get("height") is not None:
         values["size"] = f"{params['width']}x{params['height']}"
+    if isinstance(params.get("loras"), list):
+        values["loras"] = ", ".join(f"{a['name']}:{a['scale']:g}" for a in params["loras"])
     pairs = [f"{label}: {_quote(values[name])}" for name, label in _LABELS.items()
              if values.get(name) is not None]
     lines.append(", ".join(pairs))
@@ -86,6 +89,8 @@ def image_parameters(request: Any, index: int = 0, class_name: str | None = None
         # map, are images, not parameters)
         "strength": request.strength if getattr(request, "image", None) is not None else None,
         "inpaint_mode": getattr(request, "inpaint_mode", None),
+        # LoRA adapters, as the request's ``loras`` field takes them
+        "loras": [{"name": a.name, "scale": a.scale} for a in getattr(request, "loras", ())] or None,
     }
     for name in ("original_size", "crops_coords_top_left", "target_size"):  # SDXL, when sent
         value = getattr(request, name, None)
