@@ -70,8 +70,9 @@ def test_generate_class_json(client: httpx.Client) -> None:
 
 def test_trailing_step_counts_that_once_gave_timestep_minus_one(client: httpx.Client) -> None:
     """tiny-class is trailing with T=1000: 61 steps used to make a grid ending in timestep −1 (a 422)."""
-    r = client.post("/generate", json={"model": "tiny-class", "num_inference_steps": 61, "seed": 1,
-                                       "guidance_scale": 1})
+    r = client.post(
+        "/generate", json={"model": "tiny-class", "num_inference_steps": 61, "seed": 1, "guidance_scale": 1}
+    )
     assert r.status_code == 200, r.text
     assert r.json()["num_inference_steps"] == 61
 
@@ -129,7 +130,11 @@ def test_models_and_samplers(client: httpx.Client) -> None:
     assert (
         models["tiny-text"]["conditioning"]["text"] and models["tiny-text"]["conditioning"]["classes"] is None
     )
-    assert models["tiny-text-edges"]["conditioning"]["control"] == {"type": "edges", "channels": 1}
+    assert models["tiny-text-edges"]["conditioning"]["control"] == {
+        "type": "edges",
+        "channels": 1,
+        "controlnets": None,
+    }
     assert models["tiny-text-edges"]["base_model"] == "tiny-text"
     assert models["tiny-class"]["defaults"]["sampler"] == "ddim"
     samplers = {s["name"]: s for s in client.get("/v1/samplers").json()["data"]}
