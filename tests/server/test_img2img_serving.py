@@ -1,12 +1,14 @@
 """Image-to-image and inpainting through the real app (uvicorn, CPU, engine thread): rows of txt2img,
-img2img and inpainting requests share forward passes and give the bytes they give alone; JSON and multipart
-uploads; both inpainting modes; the pixel-model path; the 422s that name their field."""
+img2img, inpainting and ControlNet requests on one tiny SD model share forward passes and give the bytes
+they give alone; JSON and multipart uploads; both inpainting modes; the pixel-model path; the 422s that
+name their field."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import io
+import json
 import re
 import shutil
 from collections.abc import Iterator
@@ -18,9 +20,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.model.helpers import perturb
 from tests.model.img2img_helpers import build_tiny_inpaint, make_image, make_mask
 from tests.model.sd_helpers import build_tiny_sd
 from tests.server.conftest import LiveServer, build_model_folders, start_server
+
+diffusers = pytest.importorskip("diffusers")
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,6 +37,12 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         shutil.rmtree(root / unused)
     build_tiny_sd(root / "tiny-sd")
     build_tiny_inpaint(root / "tiny-inpaint")
+    # a ControlNet paired with tiny-sd (unet_server.json "controlnets"; model.sd_controlnet), so that
+    # ControlNet rows join the mix as well
+    base = diffusers.StableDiffusionPipeline.from_pretrained(root / "tiny-sd")
+    net = diffusers.ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    perturb(net, seed=21).save_pretrained(root / "cn-edges", safe_serialization=True)
+    (root / "tiny-sd" / "unet_server.json").write_text(json.dumps({"controlnets": ["cn-edges"]}))
     server = start_server(
         root, max_image_size=64, max_control_image_bytes=200_000, batch_buckets=[8, 32]
     )
@@ -52,6 +63,13 @@ def pixels(b64: str) -> np.ndarray:
 IMAGE, MASK = b64png(make_image()), b64png(make_mask())
 IMG2IMG = {"model": "tiny-sd", "image": IMAGE}
 INPAINT = {"model": "tiny-sd", "image": IMAGE, "mask_image": MASK}
+
+
+def control(seed: int, **kw: Any) -> list[dict[str, Any]]:
+    """One ControlNet entry with a random black-and-white control image."""
+    g = np.random.default_rng(seed)
+    edges = Image.fromarray(((g.random((64, 64)) > 0.7) * 255).astype(np.uint8), "L").convert("RGB")
+    return [{"name": "cn-edges", "image": b64png(edges), **kw}]
 
 
 def evaluations(body: dict[str, Any]) -> int:
@@ -82,6 +100,14 @@ BODIES: list[dict[str, Any]] = [
      "guidance_scale": 3},
     {"model": "tiny-sd", "prompt": "a chair", "seed": 12, "sampler": "dpmpp_2m", "num_inference_steps": 4,
      "guidance_scale": 1},
+    {"model": "tiny-sd", "prompt": "a bed", "seed": 13, "sampler": "euler", "num_inference_steps": 4,
+     "controlnets": control(1)},
+    {"model": "tiny-sd", "prompt": "a desk", "seed": 14, "sampler": "ddim", "num_inference_steps": 5,
+     "controlnets": control(2, scale=0.7, guidance_end=0.6)},
+    {**IMG2IMG, "prompt": "a vase", "seed": 15, "sampler": "dpmpp_2m", "num_inference_steps": 6,
+     "strength": 0.7, "controlnets": control(3)},
+    {**INPAINT, "prompt": "a rug", "seed": 16, "sampler": "euler", "num_inference_steps": 4,
+     "controlnets": control(4, guidance_start=0.25)},
 ]  # fmt: skip
 
 
@@ -103,6 +129,8 @@ async def _send(url: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def test_mixed_requests_share_passes_and_match_one_at_a_time(live: LiveServer) -> None:
+    """16 requests: txt2img, img2img, inpainting, ControlNet, and ControlNet with img2img / inpainting."""
+    assert len(BODIES) == 16
     with live.client() as c:
         live.wait_idle()
         passes0, rows0 = forward_totals(c)
