@@ -338,12 +338,21 @@ def lora_dir(weights_dir: Path, settings: LoraSettings | None = None) -> Path:
     return Path(s.dir) if s.dir is not None else Path(weights_dir) / "loras"
 
 
+def _weights_dir(settings: Any) -> Path:
+    """``server.loading.resolve_weights_dir`` (the same rule; not imported: server.loading imports this
+    module): a relative weights dir that does not exist here is the one beside the packages."""
+    weights_dir = Path(settings.weights_dir)
+    if not weights_dir.exists() and not weights_dir.is_absolute():
+        beside = Path(__file__).resolve().parents[1] / weights_dir
+        if beside.is_dir():
+            return beside
+    return weights_dir
+
+
 def registry_for(settings: Any) -> LoraRegistry:
     """The registry of a server's ``Settings`` (one per adapter folder and weights dir, built once)."""
-    from server.loading import resolve_weights_dir
-
     lora_settings = LoraSettings()
-    weights_dir = resolve_weights_dir(settings).resolve()
+    weights_dir = _weights_dir(settings).resolve()
     root = lora_dir(weights_dir, lora_settings)
     with _registries_lock:
         reg = _registries.get((root, weights_dir))
