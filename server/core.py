@@ -178,7 +178,7 @@ class EngineCore:
                 req.id,
                 key=self.worker.batch_key(request),
                 rows=request.rows,
-                total_steps=request.num_inference_steps,
+                total_steps=request.sampling_steps,
                 deadline=message.created + message.timeout,  # counted from arrival at the server
             )
         except Exception:  # noqa: BLE001 — this request only

@@ -413,7 +413,7 @@ class RequestManager:
             created=arrived,
             created_wall=time.time() - (now - arrived),
             preview_every=preview_every,
-            total_steps=request.num_inference_steps,
+            total_steps=request.sampling_steps,
             engine=engine,
         )
         message = AddRequest(
@@ -425,7 +425,7 @@ class RequestManager:
         self._queued[task.id] = task
         self._rows += request.rows
         engine.rows += request.rows
-        engine.work += request.rows * request.num_inference_steps
+        engine.work += request.rows * request.sampling_steps
         engine.batches[batch_key(request)] += 1
         if is_job:
             self.jobs[task.id] = task
@@ -476,9 +476,9 @@ class RequestManager:
         """
         if self.max_rows is None or engine.period_ewma is None:
             return None
-        own = request.rows * request.num_inference_steps
+        own = request.rows * request.sampling_steps
         throughput = self.max_rows / engine.period_ewma  # row-steps per second when full
-        return max(request.num_inference_steps * engine.period_ewma, (engine.work + own) / throughput)
+        return max(request.sampling_steps * engine.period_ewma, (engine.work + own) / throughput)
 
     def _route(self, request: ResolvedRequest, serving: list[Engine]) -> tuple[Engine, float | None]:
         """The engine where ``request`` should finish soonest, and that finish estimate (None: unmeasured).
@@ -590,7 +590,7 @@ class RequestManager:
             e.batches[key] -= 1
             if e.batches[key] <= 0:
                 del e.batches[key]
-            steps = task.request.num_inference_steps
+            steps = task.request.sampling_steps
             if task.started is None:  # never ran: all its work leaves with it
                 e.work -= task.request.rows * steps
             elif not task.sampling_done:  # left mid-run (cancelled, failed, expired): its remaining steps
