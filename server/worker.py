@@ -156,6 +156,7 @@ class Worker:
         self.loras = LoraSlots.create(pipelines, self.max_rows, lora_dir)
         self._lora_graphs: dict[int, GraphedDenoiser] = {}
         self._lora_captured: set[tuple[int, tuple[int, ...], bool]] = set()
+        self.last_lora_rows = 0  # rows of the last step that carried an adapter
 
     @property
     def max_rows(self) -> int:
@@ -723,6 +724,7 @@ class Worker:
         persistent buffers, then the pass runs inside ``bank.rows()`` (on CUDA: the graph captured there).
         Without adapters in the pass: the plain path. Adapters needing more device pages than there are:
         consecutive groups of requests, one pass each (each padded to its bucket, as any pass)."""
+        self.last_lora_rows = 0  # rows of this step that carry an adapter (the core's per-pass metric)
         if self.loras is None:
             return self._forward_rows(requests, layout, x, sigma)
         parts = []
@@ -731,6 +733,7 @@ class Worker:
             a, b = layout.row_bounds[i], layout.row_bounds[j]
             sub_layout = layout if (i, j) == (0, len(requests)) else RowLayout.build(sub)
             bs = self.loras.begin(sub)
+            self.last_lora_rows += sum(r.rows for r in sub if r.loras)
             if bs is None:
                 parts.append(self._forward_rows(sub, sub_layout, x[a:b], sigma[a:b]))
                 continue
