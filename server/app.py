@@ -150,6 +150,7 @@ def create_app(
     text_encoder_loader: Callable[..., Any] | None = None,
 ) -> FastAPI:
     """Build the app. ``text_encoder_loader(device, dtype)`` overrides the text encoder (tests)."""
+    from server.lora_routes import router as lora_router
     from server.playground import router as playground_router
     from server.routes import router
 
@@ -271,6 +272,7 @@ def create_app(
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     app.state.server = state
     app.include_router(router)
+    app.include_router(lora_router)
     app.include_router(playground_router)
     app.add_middleware(_CountRequests, metrics=metrics)
 
