@@ -52,8 +52,6 @@ ENV = {
 
 def _start(root: Path, pages: int) -> LiveServer:
     """A server whose engine has ``pages`` device pages per layer (read from the env at load)."""
-    from server.lora_routes import router
-
     saved = {k: os.environ.get(k) for k in [*ENV, "UNET_SERVER_LORA_PAGES"]}
     os.environ.update({**ENV, "UNET_SERVER_LORA_PAGES": str(pages)})
     try:
@@ -66,7 +64,6 @@ def _start(root: Path, pages: int) -> LiveServer:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    live.app.include_router(router)  # the lead's app.py includes it; here before any request
     return live
 
 
