@@ -63,11 +63,11 @@ def test_nan_in_one_request_leaves_its_batch_mates_alone(pipelines: dict[str, An
         real_forward = worker._forward
         calls = [0]
 
-        def forward(denoiser: Any, x: torch.Tensor, sigma: Any, class_labels: Any, *rest: Any) -> Any:
-            out = real_forward(denoiser, x, sigma, class_labels, *rest)
+        def forward(denoiser: Any, x: torch.Tensor, sigma: Any, labels: Any, *rest: Any, **kw: Any) -> Any:
+            out = real_forward(denoiser, x, sigma, labels, *rest, **kw)
             calls[0] += 1
             if calls[0] == 2:
-                out = torch.where((class_labels == 2)[:, None, None, None], float("nan"), out)
+                out = torch.where((labels == 2)[:, None, None, None], float("nan"), out)
             return out
 
         worker._forward = forward
