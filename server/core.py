@@ -97,6 +97,7 @@ class EngineCore:
         self._out = EngineOutputs()
         self._gpu_reported = 0.0
         self._hits = self._misses = 0  # the worker's prompt-cache counters at the last emit
+        self._lora = (0, 0, -1)  # the worker's LoRA loads, evictions and resident adapters at the last emit
         self._last_step_start = 0.0
         self._busy_since_step = False  # cleared when the loop waits for work
         self._stopping: Shutdown | None = None
@@ -190,6 +191,13 @@ class EngineCore:
         hits, misses = self.worker.prompt_cache_hits, self.worker.prompt_cache_misses
         self._out.prompt_cache_hits, self._out.prompt_cache_misses = hits - self._hits, misses - self._misses
         self._hits, self._misses = hits, misses
+        lora = self.worker.lora_stats()
+        if lora is not None:  # deltas of the monotonic counters; the gauge when it moved
+            self._out.lora_loads = lora.loads - self._lora[0]
+            self._out.lora_evictions = lora.evictions - self._lora[1]
+            if lora.resident != self._lora[2]:
+                self._out.lora_resident = lora.resident
+            self._lora = (lora.loads, lora.evictions, lora.resident)
         if self.worker.device.type == "cuda":
             now = time.monotonic()
             if now - self._gpu_reported >= GPU_MEMORY_REPORT_S:
@@ -312,6 +320,7 @@ class EngineCore:
                 rows=rows,
                 padded_rows=self.worker.bucket_for(rows),
                 evaluations=tuple(per_model.items()),
+                lora_rows=getattr(self.worker, "last_lora_rows", 0),
             )
         )
 

@@ -528,6 +528,7 @@ class RequestManager:
             m.forward_duration_seconds.labels(*labels).observe(s.forward_seconds)
             m.rows_per_forward.labels(*labels).observe(s.rows)
             m.padded_rows_per_forward.labels(*labels).observe(s.padded_rows)
+            m.lora_rows_per_forward.labels(*labels).observe(s.lora_rows)
             for model, rows in s.evaluations:
                 m.model_evaluations_total.labels(model).inc(rows)
         if out.faults:
@@ -540,6 +541,12 @@ class RequestManager:
             m.prompt_cache_total.labels("miss").inc(out.prompt_cache_misses)
         if out.gpu_bytes is not None:
             e.gpu_bytes = out.gpu_bytes
+        if out.lora_loads:
+            m.lora_loads_total.inc(out.lora_loads)
+        if out.lora_evictions:
+            m.lora_evictions_total.inc(out.lora_evictions)
+        if out.lora_resident is not None:
+            m.lora_adapters_resident.labels(*labels).set(out.lora_resident)
         for event in out.events:
             task = self._live.get(event.request_id)
             if task is None or task.engine is not e:  # cancelled here, or already failed

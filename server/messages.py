@@ -119,6 +119,7 @@ class StepStats:
     rows: int  # real rows in the pass
     padded_rows: int  # rows after padding to the batch bucket
     evaluations: tuple[tuple[str, int], ...]  # (model, rows) per model in the pass
+    lora_rows: int = 0  # rows of the pass that carried at least one LoRA adapter
 
 
 @dataclass
@@ -132,9 +133,13 @@ class EngineOutputs:
     prompt_cache_hits: int = 0  # prompt encodings served from the cache this turn
     prompt_cache_misses: int = 0  # prompts the text encoder ran on this turn
     gpu_bytes: float | None = None  # device memory allocated, when the core measured it this turn
+    lora_loads: int = 0  # LoRA adapters copied into device pages this turn
+    lora_evictions: int = 0  # LoRA adapters evicted from device pages this turn
+    lora_resident: int | None = None  # LoRA adapters in device pages now, when it changed this turn
 
     def __bool__(self) -> bool:
         counts = self.faults or self.prompt_cache_hits or self.prompt_cache_misses
+        counts = counts or self.lora_loads or self.lora_evictions or self.lora_resident is not None
         return bool(self.events or self.steps or counts or self.nonfinite or self.gpu_bytes is not None)
 
 

@@ -128,6 +128,29 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.lora_adapters_resident = Gauge(
+            "unet_server_lora_adapters_resident",
+            "LoRA adapters in an engine's device pages now.",
+            ENGINE_LABELS,
+            registry=r,
+        )
+        self.lora_loads_total = Counter(
+            "unet_server_lora_loads_total",
+            "LoRA adapters copied into device pages (from their parsed host copy).",
+            registry=r,
+        )
+        self.lora_evictions_total = Counter(
+            "unet_server_lora_evictions_total",
+            "LoRA adapters evicted from device pages, least recently used first (kept in host memory).",
+            registry=r,
+        )
+        self.lora_rows_per_forward = Histogram(
+            "unet_server_lora_rows_per_forward",
+            "Rows of one forward pass that carry at least one LoRA adapter.",
+            ENGINE_LABELS,
+            buckets=(0,) + _ROW_BUCKETS,
+            registry=r,
+        )
         # Created by set_gpu_memory_source when the device is CUDA; absent on CPU.
         self.gpu_memory_allocated_bytes: Gauge | None = None
 

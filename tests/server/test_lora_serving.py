@@ -38,6 +38,7 @@ from tests.model.lora_helpers import (
 )
 from tests.model.sd_helpers import build_tiny_sd
 from tests.server.conftest import LiveServer, start_server
+from tests.server.test_batching import metric
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.timeout(600)
@@ -220,12 +221,19 @@ def test_adapters_change_images(live: LiveServer, alone: list[list[str]]) -> Non
 def test_concurrent_mixed_adapters_match_alone(live: LiveServer, alone: list[list[str]]) -> None:
     worker = live.core.worker
     before = worker.lora_stats()
+    with live.client() as c:
+        text_before = c.get("/metrics").text
     assert _together(live, MIX) == alone
     after = worker.lora_stats()
     # rows with different adapters (and none) shared forward passes
     assert after.mixed_passes > before.mixed_passes
     carried, rows = after.rows_with_adapter - before.rows_with_adapter, after.rows - before.rows
     assert 0 < carried < rows
+    with live.client() as c:
+        text_after = c.get("/metrics").text
+    name = "unet_server_lora_rows_per_forward"
+    metered = metric(text_after, name, name + "_sum") - metric(text_before, name, name + "_sum")
+    assert metered == carried  # the per-pass metric counts exactly the rows that carried adapters
 
 
 def test_scale_zero_is_no_adapter(live: LiveServer, adapters: list[str]) -> None:
@@ -318,5 +326,10 @@ def test_eviction_under_small_page_budget(root: Path, env: None, alone: list[lis
         assert _together(tight, MIX) == alone
         stats = tight.core.worker.lora_stats()
         assert stats.evictions > 0 and stats.resident <= 2
+        with tight.client() as c:
+            text = c.get("/metrics").text
+        assert metric(text, "unet_server_lora_evictions_total") == stats.evictions
+        assert metric(text, "unet_server_lora_loads_total") == stats.loads
+        assert metric(text, "unet_server_lora_adapters_resident") == stats.resident
     finally:
         tight.stop()
