@@ -61,7 +61,10 @@ def test_configuration_table_lists_every_setting_with_its_default(readme: str) -
 
 
 def test_every_env_var_mentioned_exists(readme: str) -> None:
+    from server.loras import LoraSettings
+
     known = {f"UNET_SERVER_{name.upper()}" for name in Settings.model_fields}
+    known |= {f"UNET_SERVER_LORA_{name.upper()}" for name in LoraSettings.model_fields}
     text_encoder = (REPO / "model" / "text_encoder.py").read_text()
     for var in set(re.findall(r"UNET_SERVER_[A-Z_]+[A-Z]", readme)):
         assert var in known or var in text_encoder, f"README mentions {var}, which nothing reads"
