@@ -87,8 +87,7 @@ def test_curl_examples(server: Server, workdir: Path) -> None:
         assert decode_png((workdir / name).read_bytes()).mode == mode
 
 
-def test_python_example(server: Server, workdir: Path) -> None:
-    [code] = _shipped_examples("python")
+def _run_python(code: str, server: Server, workdir: Path) -> subprocess.CompletedProcess:
     code = code.replace(README_URL, server.url)
     code = code.replace('"num_inference_steps": 50', '"num_inference_steps": 4')
     # The example's own imports only (httpx, openai): the repository is not on the path.
@@ -97,6 +96,27 @@ def test_python_example(server: Server, workdir: Path) -> None:
         [sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=300, env=env
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_python_example(server: Server, workdir: Path) -> None:
+    first, *others = _shipped_examples("python")
+    proc = _run_python(first, server, workdir)
     assert proc.stdout.strip().splitlines()[-1] == "event: completed", proc.stdout[-2000:]
     for name in ["bag-7.png", "bag-10.png", "trainers.png"]:
         assert decode_png((workdir / name).read_bytes()).size == (32, 32)
+    # The later blocks (the openai client's image edits) start from the coat the curl examples draw.
+    import httpx
+
+    r = httpx.post(
+        server.url + "/generate",
+        json={"model": "fashion-text", "prompt": "a dark blue coat", "seed": 7},
+        headers={"Accept": "image/png", **server.headers},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    (workdir / "coat.png").write_bytes(r.content)
+    assert others, "the README's image-edits example is missing"
+    for code in others:
+        _run_python(code, server, workdir)
+    assert decode_png((workdir / "hem-openai.png").read_bytes()).size == (32, 32)
