@@ -121,8 +121,9 @@ async def _send(url: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r.json() for r in rs]
 
 
-BODIES = [
+BODIES = [  # 8 requests, then the same 8 with other seeds (16 distinct)
     {"prompt": p, "seed": s, "sampler": sampler, "num_inference_steps": steps, **extra}
+    for _ in range(2)
     for p, s, sampler, steps, extra in [
         ("a red bag", 1, "ddim", 3, {}),
         ("a blue coat", 2, "euler", 4, {}),
@@ -133,14 +134,13 @@ BODIES = [
         ("a red bag", 7, "ddim", 6, {"num_images": 2}),
         ("a grey sock", 8, "euler", 3, {"guidance_scale": 3}),
     ]
-    for _ in range(2)
 ]
 for i, body in enumerate(BODIES[8:]):
     body["seed"] += 100 + i
 
 
 def test_concurrent_mixed_requests_match_one_at_a_time(sd: ServerProcess) -> None:
-    assert len(BODIES) == 16
+    assert len({repr(sorted(b.items())) for b in BODIES}) == 16  # 16 distinct requests
     together = asyncio.run(_send(sd.url, BODIES))
     with sd.client() as c:
         text = c.get("/metrics").text
