@@ -217,6 +217,19 @@ async def _resolve(body: GenerateRequest, state: ServerState, files: Uploads) ->
     return await run_in_threadpool(call)
 
 
+def _openai_images(task: Task, headers: dict[str, str] | None = None) -> Response:
+    """OpenAI's images response for a finished task (the generations and edits routes), or its error."""
+    try:
+        _raise_for(task)
+    except _ServerFault as exc:
+        return _fault_response(exc)
+    out = OpenAIImagesResponse(
+        created=int(task.created_wall),
+        data=[OpenAIImage(b64_json=base64.b64encode(p).decode()) for p in task.pngs or []],
+    )
+    return JSONResponse(out.model_dump(), headers=headers)
+
+
 async def _submit(
     request: Request,
     engine: RequestManager,
@@ -477,15 +490,7 @@ async def openai_images(request: Request, engine: EngineDep) -> Response:
     timeout = state.settings.request_timeout_seconds
     task = await _submit(request, engine, resolved, "images", timeout, is_job=False)
     await _wait(request, engine, task, timeout + 30.0)
-    try:
-        _raise_for(task)
-    except _ServerFault as exc:
-        return _fault_response(exc)
-    out = OpenAIImagesResponse(
-        created=int(task.created_wall),
-        data=[OpenAIImage(b64_json=base64.b64encode(p).decode()) for p in task.pngs or []],
-    )
-    return JSONResponse(out.model_dump())
+    return _openai_images(task)
 
 
 _OPENAI_EDIT_BODY = {
@@ -553,15 +558,7 @@ async def openai_image_edits(request: Request, engine: EngineDep) -> Response:
     timeout = state.settings.request_timeout_seconds
     task = await _submit(request, engine, resolved, "edits", timeout, is_job=False)
     await _wait(request, engine, task, timeout + 30.0)
-    try:
-        _raise_for(task)
-    except _ServerFault as exc:
-        return _fault_response(exc)
-    out = OpenAIImagesResponse(
-        created=int(task.created_wall),
-        data=[OpenAIImage(b64_json=base64.b64encode(p).decode()) for p in task.pngs or []],
-    )
-    return JSONResponse(out.model_dump(), headers=_image_headers(resolved))
+    return _openai_images(task, headers=_image_headers(resolved))
 
 
 # -- jobs -----------------------------------------------------------------------------------------
