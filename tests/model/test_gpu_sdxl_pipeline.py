@@ -9,6 +9,7 @@ bench/sdxl_serving.py).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -80,7 +81,12 @@ def compare(root: Path, size: int, steps: int) -> dict[str, float]:
 
 
 def test_sdxl_pipeline_fp16_matches_diffusers(tmp_path):
-    root = build_sdxl_random(tmp_path / "sdxl-random", variant="fp16")
+    # UNET_SERVER_SDXL_FOLDER: a folder bench/sdxl_serving.py built (it writes .complete), to skip the build
+    prebuilt = Path(os.environ.get("UNET_SERVER_SDXL_FOLDER", "/nonexistent"))
+    if (prebuilt / ".complete").is_file():
+        root = prebuilt
+    else:
+        root = build_sdxl_random(tmp_path / "sdxl-random", variant="fp16")
     r = compare(root, 1024, 20)
     print(f"\n[sdxl pipeline fp16 1024² 20 steps euler] card={torch.cuda.get_device_name()} {r}")
     assert all(v == v for v in r.values()), "NaN: an fp16 overflow"
