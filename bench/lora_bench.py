@@ -177,7 +177,7 @@ def start_ours(weights: Path, model: str, args: argparse.Namespace) -> tuple[sub
     port = free_port()
     env = {
         **os.environ, "UNET_SERVER_WEIGHTS_DIR": str(weights), "UNET_SERVER_MODELS": model,
-        "UNET_SERVER_MAX_BATCH_ROWS": "64", "UNET_SERVER_BATCH_BUCKETS": "2,4,8,16,32,64",
+        "UNET_SERVER_MAX_BATCH_ROWS": "64", "UNET_SERVER_BATCH_BUCKETS": args.buckets,
         "UNET_SERVER_MAX_IMAGE_SIZE": "512", "UNET_SERVER_LOG_LEVEL": "warning",
         "UNET_SERVER_LORA_PAGES": "8", "UNET_SERVER_LORA_PAGE_RANK": "16", "UNET_SERVER_LORA_ROW_PAGES": "1",
         "UNET_SERVER_COMPILE": "true" if args.compile else "false", "UNET_SERVER_MAX_QUEUE_SIZE": "256",
@@ -315,6 +315,8 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma list of parts to skip: forward,e2e")
     parser.add_argument("--work", default="/tmp/lora-bench-work", help="where the SD1.5 folder is built")
     parser.add_argument("--ready-timeout", type=float, default=900.0)
+    parser.add_argument("--buckets", default="2,4,8,16,32,64",
+                        help="the server's batch buckets (fewer with --compile: each compiles at start-up)")
     args = parser.parse_args()
     device = pick_device(args.device)
     setup_torch(device)

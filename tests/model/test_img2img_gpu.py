@@ -66,7 +66,9 @@ def test_cuda_graphs_match_cpu_and_diffusers(tmp_path, folder, sampler, strength
     assert w.captured_graphs() and all(w.captured_graphs().values())
     got = _images(w, gpu, sampler, strength, inpaint)
     want = _images(Worker({folder: cpu}, buckets=[2, 4]), cpu, sampler, strength, inpaint)
-    assert np.abs(got - want).max() <= 2e-3
+    # CUDA fp32 (TF32 matmuls, other kernels) vs CPU over 10 steps: within one uint8 level of the PNG, and
+    # close on average; a wrong capture of the extra input or of the init latent is off by far more.
+    assert np.abs(got - want).max() <= 1 / 255 and np.abs(got - want).mean() <= 1e-4
     cls = diffusers.StableDiffusionInpaintPipeline if inpaint else diffusers.StableDiffusionImg2ImgPipeline
     pipe = cls.from_pretrained(root, safety_checker=None, requires_safety_checker=False).to("cuda")
     set_scheduler(pipe, sampler)
@@ -75,4 +77,4 @@ def test_cuda_graphs_match_cpu_and_diffusers(tmp_path, folder, sampler, strength
         PROMPT, image=make_image(), strength=strength, num_inference_steps=10, guidance_scale=7.5,
         generator=torch.Generator().manual_seed(1), output_type="np", **kwargs,
     ).images  # fmt: skip
-    assert np.abs(got[:1] - theirs).max() <= 2e-3
+    assert np.abs(got[:1] - theirs).max() <= 1 / 255 and np.abs(got[:1] - theirs).mean() <= 1e-4
