@@ -69,8 +69,8 @@ def test_cuda_graphs_match_cpu_and_diffusers(tmp_path, folder, sampler, strength
     # CUDA fp32 (cuDNN's TF32 convolutions, other kernels) vs CPU over 10 steps: within one uint8 level of the
     # PNG and close on average (an H200 measured max 3.0e-3, mean 1.5e-4); a wrong capture of the extra input
     # or of the init latent is off by far more.
-    d = np.abs(got - want)
-    print(f"\n[{folder} {sampler} {strength} inpaint={inpaint}] gpu vs cpu: max {d.max():.2e} mean {d.mean():.2e}")
+    d, case = np.abs(got - want), f"[{folder} {sampler} {strength} inpaint={inpaint}]"
+    print(f"\n{case} gpu vs cpu: max {d.max():.2e} mean {d.mean():.2e}")
     assert d.max() <= 1 / 255 and d.mean() <= 5e-4
     cls = diffusers.StableDiffusionInpaintPipeline if inpaint else diffusers.StableDiffusionImg2ImgPipeline
     pipe = cls.from_pretrained(root, safety_checker=None, requires_safety_checker=False).to("cuda")
@@ -81,5 +81,5 @@ def test_cuda_graphs_match_cpu_and_diffusers(tmp_path, folder, sampler, strength
         generator=torch.Generator().manual_seed(1), output_type="np", **kwargs,
     ).images  # fmt: skip
     d = np.abs(got[:1] - theirs)
-    print(f"[{folder} {sampler} {strength} inpaint={inpaint}] ours vs diffusers: max {d.max():.2e} mean {d.mean():.2e}")
+    print(f"{case} ours vs diffusers: max {d.max():.2e} mean {d.mean():.2e}")
     assert d.max() <= 1 / 255 and d.mean() <= 5e-4
