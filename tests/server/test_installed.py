@@ -58,7 +58,8 @@ def test_package_data_and_weights_are_found(installed: Path, tmp_path: Path) -> 
         "weights = resolve_weights_dir(Settings())\n"
         "print(json.dumps({'server': server.__file__, 'model': model.__file__, 'weights': str(weights),\n"
         "    'models': list_models(weights), 'assets': sorted(ASSETS),\n"
-        "    'swagger': sorted(p.name for p in SWAGGER_DIR.iterdir())}))\n"
+        "    'swagger': sorted(p.name for p in SWAGGER_DIR.iterdir()),\n"
+        "    'loras': sorted(p.name for p in (weights / 'loras').glob('*.safetensors'))}))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=_env(installed), capture_output=True, text=True,
@@ -70,6 +71,7 @@ def test_package_data_and_weights_are_found(installed: Path, tmp_path: Path) -> 
     assert found["models"] == SHIPPED, found
     assert {"index.html", "playground.js", "playground.css"} <= set(found["assets"])
     assert {"swagger-ui-bundle.js", "swagger-ui.css", "LICENSE"} <= set(found["swagger"])
+    assert found["loras"] == ["stripes.safetensors"], found  # the shipped adapter (README's LoRA section)
 
 
 def test_installed_server_serves_the_shipped_models(installed: Path, tmp_path: Path) -> None:

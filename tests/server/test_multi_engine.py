@@ -249,13 +249,17 @@ def test_a_killed_engine_fails_only_its_requests(two_engines: Any) -> None:
     engine = two_engines.engine
     procs = [c._proc for c in two_engines.state.clients]
     with two_engines.client() as c:
-        jobs = [
-            c.post("/v1/jobs", json={"model": "tiny-class", "class_label": 1, "num_inference_steps": 900,
-                                     "seed": s}).json()["id"]
-            for s in range(4)
-        ]  # fmt: skip
-        on = {j: engine.jobs[j].engine.index for j in jobs}
-        assert sorted(on.values()) == [0, 0, 1, 1]
+        # Long jobs until both engines hold some. Where each lands depends on the engines' measured step
+        # periods (timing), so the test does not fix the split; the router's spreading has its own test.
+        jobs: list[str] = []
+        on: dict[str, int] = {}
+        for s in range(8):
+            body = {"model": "tiny-class", "class_label": 1, "num_inference_steps": 900, "seed": s}
+            jobs.append(c.post("/v1/jobs", json=body).json()["id"])
+            on[jobs[-1]] = engine.jobs[jobs[-1]].engine.index
+            if set(on.values()) == {0, 1}:
+                break
+        assert set(on.values()) == {0, 1}, on
         victim = procs[1].pid
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 60
