@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -149,17 +150,26 @@ def header_tensors(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
     out: dict[str, Any] = {}
     start = 8 + n
     for key, entry in header.items():
-        if not isinstance(entry, dict) or "shape" not in entry or "dtype" not in entry:
+        if not isinstance(entry, dict) or "shape" not in entry or not isinstance(entry.get("dtype"), str):
             raise refuse(f"bad header entry {key!r}")
+        shape = entry["shape"]
+        # a shape torch.empty takes (non-negative ints, no bools) and whose byte size does not overflow
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**31 for d in shape):
+            raise refuse(f"bad shape of {key!r}")
+        if math.prod(shape) >= 2**48:
+            raise refuse(f"bad shape of {key!r}")
         dtype = dtypes.get(entry["dtype"], torch.float32)
         if key.endswith(".alpha"):  # a scalar whose value the parse needs: read just its bytes
-            a, b = (int(v) for v in entry.get("data_offsets", (0, 0)))
+            offsets = entry.get("data_offsets", (0, 0))
+            if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(v) is int for v in offsets):
+                raise refuse(f"bad alpha tensor {key!r}")
+            a, b = offsets
             raw = bytearray(data[start + a : start + b])
             if entry["dtype"] not in dtypes or len(raw) != dtype.itemsize:
                 raise refuse(f"bad alpha tensor {key!r}")
             out[key] = torch.frombuffer(raw, dtype=dtype).clone()
             continue
-        out[key] = torch.empty(entry["shape"], dtype=dtype, device="meta")
+        out[key] = torch.empty(shape, dtype=dtype, device="meta")
     return out, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 

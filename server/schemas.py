@@ -179,17 +179,17 @@ class GenerateRequest(BaseModel):
                 )
         return v
 
-    @field_validator("controlnets", mode="before")
+    @field_validator("controlnets", "loras", mode="before")
     @classmethod
-    def _controlnets_json(cls, v: Any) -> Any:
-        """Multipart forms carry ``controlnets`` as a JSON string."""
+    def _controlnets_json(cls, v: Any, info: ValidationInfo) -> Any:
+        """Multipart forms carry ``controlnets`` and ``loras`` as JSON strings."""
         if isinstance(v, str):
             import json
 
             try:
                 return json.loads(v)
-            except ValueError as exc:
-                raise ValueError("controlnets: not valid JSON") from exc
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+                raise ValueError(f"{info.field_name}: not valid JSON") from None
         return v
 
 
@@ -312,7 +312,10 @@ def _pick_model(name: str | None, ctx: ValidationContext) -> ModelSpec:
 def _class_index(value: int | str, spec: ModelSpec, field: str) -> int:
     classes = spec.conditioning.classes or []
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
+        try:
+            value = int(value)
+        except ValueError:  # digits int() does not read ("²", "--1", over 4300 of them): taken as a name
+            pass
     if isinstance(value, int):
         if 0 <= value < len(classes):
             return value
