@@ -354,6 +354,10 @@ class RequestManager:
         """No request in flight on the serving side."""
         return not self._live
 
+    def live_requests(self) -> list[ResolvedRequest]:
+        """The requests submitted and not yet finished (queued or running), a snapshot."""
+        return [t.request for t in self._live.values()]
+
     def engine_states(self) -> list[dict[str, Any]]:
         """Per engine: index, device, state (serving / restarting / failed), the failure, outstanding rows."""
         return [

@@ -44,8 +44,7 @@ def requests_naming(state: ServerState, name: str) -> int:
     engine = state.engine
     if engine is None:
         return 0
-    live: dict[str, Any] = getattr(engine, "_live", {})  # RequestManager's submitted, unfinished tasks
-    return sum(any(ref.name == name for ref in getattr(t.request, "loras", ())) for t in list(live.values()))
+    return sum(any(ref.name == name for ref in r.loras) for r in engine.live_requests())
 
 
 @router.get("/v1/loras")
