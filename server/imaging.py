@@ -68,29 +68,47 @@ def decode_control_image(
     data: bytes, *, width: int, height: int, max_bytes: int, max_pixels: int, mode: str = "L"
 ) -> np.ndarray:
     """Decode a control map to float32 (height, width) in [0, 1], or with ``mode="RGB"`` (SD ControlNets'
-    control images, alpha dropped as Pillow's convert does) (height, width, 3); raises ImageDecodeError."""
+    control images, alpha dropped as Pillow's convert does) (height, width, 3); raises ImageDecodeError.
+    Any bit depth is accepted: a control map is converted, not refused (unlike init images and masks)."""
+    img = _open_checked(data, max_bytes=max_bytes, max_pixels=max_pixels, what="control image")
+    try:
+        gray = img.convert(mode)
+    except (OSError, ValueError) as exc:
+        raise ImageDecodeError(f"control image could not be converted to {mode}") from exc
+    if gray.size != (width, height):
+        gray = gray.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(gray, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
+
+
+def _open_checked(
+    data: bytes, *, max_bytes: int, max_pixels: int, what: str, modes: tuple[str, ...] | None = None
+) -> Image.Image:
+    """The decoded upload: bytes checked before parsing, pixels from the header before decoding, the mode
+    against ``modes`` (None: any); raises ImageDecodeError naming ``what``."""
     if len(data) > max_bytes:
-        raise ImageDecodeError(f"control image is {len(data)} bytes; the limit is {max_bytes}")
+        raise ImageDecodeError(f"{what} is {len(data)} bytes; the limit is {max_bytes}")
     if not data:
-        raise ImageDecodeError("control image is empty")
+        raise ImageDecodeError(f"{what} is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # reads the header only
             w, h = img.size
             if w < 1 or h < 1 or w * h > max_pixels:
-                raise ImageDecodeError(f"control image is {w}x{h} pixels; the limit is {max_pixels} pixels")
+                raise ImageDecodeError(f"{what} is {w}x{h} pixels; the limit is {max_pixels} pixels")
+            if modes is not None and img.mode not in modes:
+                raise ImageDecodeError(
+                    f"{what} has mode {img.mode} (16-bit or float pixels); send an 8-bit RGB, RGBA, "
+                    "grayscale or palette image"
+                )
             img.load()
-            gray = img.convert(mode)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"control image has too many pixels (limit {max_pixels})") from exc
+        raise ImageDecodeError(f"{what} has too many pixels (limit {max_pixels})") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageDecodeError(f"control image could not be decoded as {'/'.join(ALLOWED_FORMATS)}") from exc
-    if gray.size != (width, height):
-        gray = gray.resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(gray, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
+        raise ImageDecodeError(f"{what} could not be decoded as {'/'.join(ALLOWED_FORMATS)}") from exc
+    return img
 
 
 # -- image-to-image and inpainting inputs ----------------------------------------------------------
@@ -106,30 +124,7 @@ EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, what: str) -> Image.Image:
     """Decode an uploaded PNG/JPEG/WebP (``what`` names the field in messages) within the limits; raises
     ImageDecodeError (too large, too many pixels, not decodable, not 8-bit)."""
-    if len(data) > max_bytes:
-        raise ImageDecodeError(f"{what} is {len(data)} bytes; the limit is {max_bytes}")
-    if not data:
-        raise ImageDecodeError(f"{what} is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # reads the header only
-            w, h = img.size
-            if w < 1 or h < 1 or w * h > max_pixels:
-                raise ImageDecodeError(f"{what} is {w}x{h} pixels; the limit is {max_pixels} pixels")
-            if img.mode not in EIGHT_BIT_MODES:
-                raise ImageDecodeError(
-                    f"{what} has mode {img.mode} (16-bit or float pixels); send an 8-bit RGB, RGBA, "
-                    "grayscale or palette image"
-                )
-            img.load()
-    except ImageDecodeError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"{what} has too many pixels (limit {max_pixels})") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageDecodeError(f"{what} could not be decoded as {'/'.join(ALLOWED_FORMATS)}") from exc
-    return img
+    return _open_checked(data, max_bytes=max_bytes, max_pixels=max_pixels, what=what, modes=EIGHT_BIT_MODES)
 
 
 def init_image_array(img: Image.Image, channels: int, width: int, height: int) -> np.ndarray:
