@@ -252,7 +252,7 @@ class LoraBank:
                 return out + _conv_delta(module, x, t, index, scale)  # type: ignore[arg-type]
             if t.pointwise:
                 return out + _pointwise_delta(x, t, index, scale)
-            return out + _linear_delta(x, t, index, scale).reshape(out.shape)
+            return _linear_plus_delta(out, x, t, index, scale)
 
         return hook
 
@@ -264,12 +264,15 @@ class LoraBank:
         self._hooks.clear()
 
 
-def _linear_delta(x: Tensor, t: _Table, index: Tensor, scale: Tensor) -> Tensor:
+def _linear_plus_delta(out: Tensor, x: Tensor, t: _Table, index: Tensor, scale: Tensor) -> Tensor:
+    """``out`` + each row's low-rank term. The up projection accumulates onto ``out`` in the GEMM itself
+    (baddbmm), so no full-size delta is written and read back."""
     b = index.shape[0]
     xf = x.reshape(b, -1, x.shape[-1])  # (B, L, in)
     a = t.a[index].flatten(1, 2)  # (B, n·c, in)
     h = torch.bmm(xf, a.transpose(1, 2)) * scale[:, None, :]  # (B, L, n·c)
-    return torch.bmm(h, t.bt[index].flatten(1, 2))  # (B, L, out)
+    y = torch.baddbmm(out.reshape(b, -1, out.shape[-1]), h, t.bt[index].flatten(1, 2))  # (B, L, out)
+    return y.reshape(out.shape)
 
 
 def _pointwise(layer: nn.Conv2d) -> bool:
