@@ -39,6 +39,14 @@ def proc_server(weights_dir: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
+def one_model_server(weights_dir: Path) -> Any:
+    """tiny-class alone: its child (and a replacement) loads and warms one model, not three."""
+    server = start_server(weights_dir, engine_mode="process", models=["tiny-class"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def thread_server(weights_dir: Path) -> Any:
     server = start_server(weights_dir, engine_mode="thread")
     yield server
@@ -140,50 +148,60 @@ def _wait_failed(c: Any, job_id: str) -> dict:
     return info
 
 
-def test_a_dying_child_fails_its_requests_and_is_replaced(weights_dir: Path) -> None:
-    server = start_server(weights_dir, engine_mode="process", models=["tiny-class"])
-    try:
-        engine = server.state.client
-        first = engine._proc.pid
-        with server.client() as c:
-            job_id = _start_long_job(c)
-            os.kill(first, signal.SIGKILL)
-            info = _wait_failed(c, job_id)
-            assert info["error"]["status_code"] == 500 and info["error"]["error_id"]
-            assert "engine process exited" in info["error"]["message"]
-            r = c.post("/generate", json=CLASS)  # while the new engine loads (or already serves)
-            assert r.status_code in (200, 503) and "Traceback" not in r.text
-            if r.status_code == 503:
-                assert "restarting" in r.json()["message"]
-            deadline = time.monotonic() + 60
-            while c.get("/health/ready").status_code != 200:
-                assert time.monotonic() < deadline, "no new engine process"
-                time.sleep(0.05)
-            assert engine._proc.pid != first and engine._proc.is_alive()
-            assert c.post("/generate", json={**CLASS, "seed": 4}).status_code == 200
-            assert metric(c.get("/metrics").text, "unet_server_engine_errors_total") >= 1
-    finally:
-        server.stop()
-    assert not engine._proc.is_alive()
-
-
-def test_a_child_that_keeps_dying_stays_down(weights_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_child_that_keeps_dying_stays_down(proc_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last test on the module's process server (it takes it down; a child spawn costs seconds on 2
+    cores). MAX_RESTARTS 0: any exit within the window, this one included, exhausts the budget."""
     import server.engine_process as ep
 
     monkeypatch.setattr(ep, "MAX_RESTARTS", 0)
-    server = start_server(weights_dir, engine_mode="process", models=["tiny-class"])
-    try:
-        with server.client() as c:
-            job_id = _start_long_job(c)
-            os.kill(server.state.client._proc.pid, signal.SIGKILL)
-            _wait_failed(c, job_id)
-            r = c.get("/health/ready")
-            assert r.status_code == 503 and r.json()["status"] == "failed"
-            assert "not restarting" in r.json()["error"]
-            r = c.post("/generate", json=CLASS)
-            assert r.status_code == 503 and "engine is down" in r.json()["message"]
-    finally:
-        server.stop()
+    server = proc_server
+    with server.client() as c:
+        job_id = _start_long_job(c)
+        os.kill(server.state.client._proc.pid, signal.SIGKILL)
+        _wait_failed(c, job_id)
+        r = c.get("/health/ready")
+        assert r.status_code == 503 and r.json()["status"] == "failed"
+        assert "not restarting" in r.json()["error"]
+        r = c.post("/generate", json=CLASS)
+        assert r.status_code == 503 and "engine is down" in r.json()["message"]
+
+
+def test_a_dying_child_fails_its_requests_and_is_replaced(one_model_server: Any) -> None:
+    """Each child spawn costs seconds on 2 cores, so the server is shared: its replacement child is the one
+    test_stop_drains_then_the_child_exits then stops with the server."""
+    server = one_model_server
+    engine = server.state.client
+    first = engine._proc.pid
+    with server.client() as c:
+        job_id = _start_long_job(c)
+        os.kill(first, signal.SIGKILL)
+        info = _wait_failed(c, job_id)
+        assert info["error"]["status_code"] == 500 and info["error"]["error_id"]
+        assert "engine process exited" in info["error"]["message"]
+        r = c.post("/generate", json=CLASS)  # while the new engine loads (or already serves)
+        assert r.status_code in (200, 503) and "Traceback" not in r.text
+        if r.status_code == 503:
+            assert "restarting" in r.json()["message"]
+        deadline = time.monotonic() + 60
+        while c.get("/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, "no new engine process"
+            time.sleep(0.05)
+        assert engine._proc.pid != first and engine._proc.is_alive()
+        assert c.post("/generate", json={**CLASS, "seed": 4}).status_code == 200
+        assert metric(c.get("/metrics").text, "unet_server_engine_errors_total") >= 1
+
+
+def test_stop_drains_then_the_child_exits(one_model_server: Any) -> None:
+    """The last test on its server: it stops it (the fixture's stop is then a no-op). After
+    test_a_dying_child_fails_its_requests_and_is_replaced the child stopped here is the replacement."""
+    server = one_model_server
+    engine, client = server.engine, server.state.client
+    with server.client() as c:
+        job = c.post("/v1/jobs", json={**CLASS, "num_inference_steps": 40}).json()
+    task = engine.jobs[job["id"]]
+    server.stop()
+    assert task.status == "completed" and task.pngs
+    assert not engine.running and client._proc.exitcode == 0 and not client._proc.is_alive()
 
 
 def test_load_error_reaches_readiness(tmp_path: Path) -> None:
@@ -198,17 +216,6 @@ def test_load_error_reaches_readiness(tmp_path: Path) -> None:
             assert r.status_code == 503 and "missing" in error and not error.startswith("EngineLoadError")
     finally:
         server.stop()
-
-
-def test_stop_drains_then_the_child_exits(weights_dir: Path) -> None:
-    server = start_server(weights_dir, engine_mode="process", models=["tiny-class"])
-    engine, client = server.engine, server.state.client
-    with server.client() as c:
-        job = c.post("/v1/jobs", json={**CLASS, "num_inference_steps": 40}).json()
-    task = engine.jobs[job["id"]]
-    server.stop()
-    assert task.status == "completed" and task.pngs
-    assert not engine.running and client._proc.exitcode == 0
 
 
 # -- the parent's side alone (no child) -----------------------------------------------------------
