@@ -87,6 +87,26 @@ def run_packed(pipe: Any, jobs: list[tuple[str, int, int]], cond: dict) -> torch
     return ((out.float() + 1) / 2).clamp(0, 1)
 
 
+Job = tuple[str, int, int]  # (sampler name, steps, seed k)
+
+
+def run_unique(pipe: Any, jobs: list[Job], cond: dict) -> dict[Job, torch.Tensor]:
+    """``run_packed`` over the distinct jobs, all in one packed run: {job: image (C, H, W)}.
+
+    A (sampler, steps, seed) draws the same image whatever it is packed with (rows are independent), so
+    tests that need it more than once sample it once.
+    """
+    unique = list(dict.fromkeys(jobs))
+    return dict(zip(unique, run_packed(pipe, unique, cond), strict=True))
+
+
+def listed_jobs(pipe: Any, seeds: int) -> list[Job]:
+    """The reference's jobs, then every listed sampler's at the model's default steps (``judge_listed``)."""
+    steps = pipe.defaults.num_inference_steps
+    jobs = [(*REFERENCE, k) for k in range(seeds)]
+    return jobs + [(s["name"], steps, k) for s in listed(pipe) for k in range(seeds)]
+
+
 def distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean absolute pixel distance of two images, in 0–255 units."""
     return (a - b).abs().mean().item() * 255
@@ -129,22 +149,25 @@ def listed(pipe: Any) -> list[dict]:
     return [s for s in list_samplers() if pipe.schedule.kind in s["model_kinds"]]
 
 
-def judge_listed(pipe: Any, judge: Any, cond: dict, seeds: int) -> tuple[list[str], list[str]]:
+def judge_listed(
+    pipe: Any, judge: Any, cond: dict, seeds: int, sampled: dict[Job, torch.Tensor] | None = None
+) -> tuple[list[str], list[str]]:
     """Run every listed sampler at the model's default steps; (failures, one line of measurements each).
 
     ODE samplers: every image within 8/255 of the reference; SDE samplers within 64/255 (an image of noise
     is ~170 away); the classifier agrees with the requested class on every seed; with a control map, the
-    images' mean edge F1 against it ≥ 0.8.
+    images' mean edge F1 against it ≥ 0.8. ``sampled``: ``run_unique``'s images of (at least)
+    ``listed_jobs``, if the caller sampled them already.
     """
     from training.classifier import predict
     from training.data import edges
     from training.evaluate import edge_f1
 
     samplers = listed(pipe)
-    steps = pipe.defaults.num_inference_steps
-    jobs = [(*REFERENCE, k) for k in range(seeds)]
-    jobs += [(s["name"], steps, k) for s in samplers for k in range(seeds)]
-    images = run_packed(pipe, jobs, cond)  # (seeds + len(samplers)·seeds, C, H, W)
+    jobs = listed_jobs(pipe, seeds)
+    if sampled is None:
+        sampled = run_unique(pipe, jobs, cond)
+    images = torch.stack([sampled[j] for j in jobs])  # (seeds + len(samplers)·seeds, C, H, W)
     reference = images[:seeds]
     by_sampler = images[seeds:].reshape(len(samplers), seeds, *images.shape[1:])
     labels = torch.tensor(CLASSES[:seeds])
