@@ -1458,8 +1458,10 @@ async def run_fuzz(
     lora_file: bytes | None = None,
     upload_limit: int | None = None,
     progress: bool = False,
+    budget_s: float | None = None,
 ) -> Report:
-    """Send ``requests`` cases (seeded) to the server at ``url`` with at most ``concurrency`` in flight."""
+    """Send ``requests`` cases (seeded) to the server at ``url`` with at most ``concurrency`` in flight;
+    no new case after ``budget_s`` seconds (the report says how many were sent)."""
     import httpx
 
     report = Report()
@@ -1472,7 +1474,7 @@ async def run_fuzz(
 
         async def worker() -> None:
             nonlocal next_index
-            while next_index < requests:
+            while next_index < requests and (budget_s is None or time.monotonic() - t0 < budget_s):
                 i = next_index
                 next_index += 1
                 case = fuzzer.case(i)
@@ -1514,6 +1516,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=None, help="folder for fuzz_api.json")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--budget-s", type=float, default=None, help="no new request after this many seconds")
     parser.add_argument("--weights-dir", default=None, help="default: the shipped weights/")
     parser.add_argument("--upload-limit", type=int, default=None, help="the server's max_control_image_bytes")
     args = parser.parse_args(argv)
@@ -1553,6 +1556,7 @@ def main(argv: list[str] | None = None) -> int:
                 lora_file=lora_file.read_bytes() if lora_file else None,
                 upload_limit=args.upload_limit,
                 progress=True,
+                budget_s=args.budget_s,
             )
         )
         if server is not None:

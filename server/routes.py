@@ -39,10 +39,12 @@ from server.schemas import (
     ResolvedRequest,
     SamplerList,
     Timings,
+    echo_input,
     field_error,
     resolve_generate,
     resolve_openai,
     resolve_openai_edit,
+    utf8_text,
 )
 from server.state import ServerState
 
@@ -90,28 +92,15 @@ api = APIRouter(dependencies=[Depends(require_api_key)])
 # -- body parsing ---------------------------------------------------------------------------------
 
 
-def _text(value: Any) -> Any:
-    """Strings with lone surrogates (JSON's "\\ud800" escapes) made UTF-8-encodable; others unchanged."""
-    return value.encode("utf-8", "backslashreplace").decode() if isinstance(value, str) else value
-
-
-def _echo(value: Any) -> Any:
-    """``value`` if the 422 can echo it as JSON, else None: NaN, ±Infinity (Python's json reads them) or a
-    lone surrogate in the input would make rendering the 422 itself fail, as a 500."""
-    try:
-        json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
-    except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError is a ValueError
-        return None
-    return value
-
-
 def _body_errors(exc: ValidationError) -> RequestValidationError:
     errors = []
     for err in exc.errors(include_url=False):
-        field = _text(".".join(str(p) for p in err["loc"]))
-        msg = _text(err["msg"])
-        err = {**err, "loc": ("body", *map(_text, err["loc"])), "msg": f"{field}: {msg}" if field else msg}
-        err["input"] = _echo(err.get("input"))
+        # what the 422 echoes must render: lone surrogates escaped, a NaN or Infinity input dropped
+        field = utf8_text(".".join(str(p) for p in err["loc"]))
+        msg = utf8_text(err["msg"])
+        loc = ("body", *map(utf8_text, err["loc"]))
+        err = {**err, "loc": loc, "msg": f"{field}: {msg}" if field else msg}
+        err["input"] = echo_input(err.get("input"))
         if {"control_image", "image", "mask_image"} & set(map(str, err["loc"])):
             err["input"] = None  # never echo an image back
         errors.append(err)

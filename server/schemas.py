@@ -6,6 +6,7 @@ in ``resolve_generate`` / ``resolve_openai``. Every failure is a 422 whose ``det
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -49,7 +50,8 @@ __all__ = [
     "ClassInfo", "Conditioning", "ControlInfo", "GenerateRequest", "GenerateResponse", "JobError", "JobInfo",
     "ModelDefaults", "ModelList", "ModelSpec", "OpenAIImage", "OpenAIImageRequest", "OpenAIImagesResponse",
     "ResolvedRequest", "SamplerInfo", "SamplerList", "Timings", "ValidationContext", "field_error",
-    "resolve_generate", "resolve_openai", "OpenAIEditRequest", "resolve_openai_edit",
+    "resolve_generate", "resolve_openai", "OpenAIEditRequest", "resolve_openai_edit", "echo_input",
+    "utf8_text",
 ]
 
 MAX_PROMPT_CHARS = 2000
@@ -65,11 +67,29 @@ SIZE_CAP = (
 )
 
 
+def utf8_text(value: Any) -> Any:
+    """A string with lone surrogates (JSON's "\\ud800" escapes) made UTF-8-encodable (backslash escapes);
+    anything else unchanged."""
+    return value.encode("utf-8", "backslashreplace").decode() if isinstance(value, str) else value
+
+
+def echo_input(value: Any) -> Any:
+    """``value`` if a 422 can echo it as JSON, else None: NaN, ±Infinity (Python's json reads them) or a lone
+    surrogate in the echoed input would make rendering the 422 itself fail, as a 500."""
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
+    except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return None
+    return value
+
+
 def field_error(field: str, message: str, value: Any = None) -> RequestValidationError:
     """A 422 for one body field, shaped like FastAPI's own validation errors."""
-    return RequestValidationError(
-        [{"type": "value_error", "loc": ("body", field), "msg": f"{field}: {message}", "input": value}]
-    )
+    field = utf8_text(field)
+    return RequestValidationError([
+        {"type": "value_error", "loc": ("body", field), "msg": utf8_text(f"{field}: {message}"),
+         "input": echo_input(value)}
+    ])  # fmt: skip
 
 
 # -- models as clients see them: server/catalog.py (no web imports: the engine process builds them) --

@@ -120,6 +120,9 @@ FOUND = [
     # a lone surrogate in a string, or in an unknown key, echoed: the 422 could not be encoded as UTF-8
     ("POST", "/generate", {"content": b'{"model": "tiny-text", "prompt": "a\\ud800"}'}, "prompt"),
     ("POST", "/v1/jobs", {"content": b'{"model": "tiny-text", "\\udc80x": 1}'}, "body"),  # the key
+    # ... and echoed by a check past pydantic (class_label is int | str: pydantic let the surrogate through)
+    ("POST", "/generate", {"content": b'{"model": "tiny-text", "class_label": "a\\udfffb"}'}, "class_label"),
+    ("POST", "/v1/images/generations", {"content": b'{"prompt": "x", "model": "\\ud800"}'}, "model"),
     # class labels that str.isdigit() calls digits but int() does not read
     ("POST", "/generate", {"json": {"model": "tiny-class", "class_label": "²"}}, "class_label"),
     ("POST", "/generate", {"json": {"model": "tiny-class", "class_label": "--1"}}, "class_label"),
