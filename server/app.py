@@ -26,7 +26,7 @@ from server.client import EngineClient, EngineLoadError, InprocClient
 from server.devices import DevicesError, engine_devices, engine_settings
 from server.lifecycle import RequestManager
 from server.metrics import Metrics
-from server.schemas import ValidationContext
+from server.schemas import ValidationContext, echo_input, utf8_text
 from server.settings import Settings
 from server.state import ServerState
 
@@ -279,7 +279,14 @@ def create_app(
     # Error bodies keep FastAPI's ``detail`` and add a top-level ``message`` (what OpenAI's client shows).
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = jsonable_encoder(exc.errors())
+        # Every source of a 422 renders: a NaN/Infinity or lone-surrogate input is not echoed, texts are made
+        # UTF-8-encodable (else rendering the 422 itself fails, as a 500).
+        raw = [
+            {**e, "msg": utf8_text(e.get("msg", "")), "loc": tuple(map(utf8_text, e.get("loc", ()))),
+             "input": echo_input(e.get("input"))}
+            for e in exc.errors()
+        ]  # fmt: skip
+        errors = jsonable_encoder(raw)
         message = "; ".join(str(e.get("msg", "")) for e in errors)
         return JSONResponse({"detail": errors, "message": message}, status_code=422)
 

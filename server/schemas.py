@@ -83,6 +83,16 @@ def echo_input(value: Any) -> Any:
     return value
 
 
+def json_form_field(v: Any, info: ValidationInfo) -> Any:
+    """A list field sent in a multipart form (``controlnets``, ``loras``) arrives as JSON text: parse it."""
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+            raise ValueError(f"{info.field_name}: not valid JSON") from None
+    return v
+
+
 def field_error(field: str, message: str, value: Any = None) -> RequestValidationError:
     """A 422 for one body field, shaped like FastAPI's own validation errors."""
     field = utf8_text(field)
@@ -202,15 +212,7 @@ class GenerateRequest(BaseModel):
     @field_validator("controlnets", "loras", mode="before")
     @classmethod
     def _controlnets_json(cls, v: Any, info: ValidationInfo) -> Any:
-        """Multipart forms carry ``controlnets`` and ``loras`` as JSON strings."""
-        if isinstance(v, str):
-            import json
-
-            try:
-                return json.loads(v)
-            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
-                raise ValueError(f"{info.field_name}: not valid JSON") from None
-        return v
+        return json_form_field(v, info)
 
 
 class Timings(BaseModel):
@@ -260,6 +262,11 @@ class OpenAIImageRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     loras: list[LoraInput] | None = Field(None, description="LoRA adapters, as on /generate.")
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_json(cls, v: Any, info: ValidationInfo) -> Any:
+        return json_form_field(v, info)
 
 
 class OpenAIImage(BaseModel):

@@ -170,3 +170,17 @@ def test_multipart_loras_as_json_text(live: LiveServer) -> None:
         r = c.post("/generate", data=data, files={"image": ("i.png", _png(), "image/png")})
     assert r.status_code == 200, r.text
     assert len(r.json()["images"]) == 1
+
+
+def test_edits_multipart_loras_as_json_text(live: LiveServer) -> None:
+    """OpenAI's edits route reads ``loras`` from its form as JSON text too: a known adapter edits, an unknown
+    one is a 422 naming ``loras`` (so the text was parsed and resolved, not refused as "not a list")."""
+    files = {"image": ("i.png", _png(), "image/png")}
+    form = {"model": "tiny-sd", "prompt": "a cat", "num_inference_steps": "2"}
+    with live.client() as c:
+        known, unknown = '[{"name": "sd-lora", "scale": 0.5}]', '[{"name": "no-such-adapter"}]'
+        ok = c.post("/v1/images/edits", data={**form, "loras": known}, files=files)
+        bad = c.post("/v1/images/edits", data={**form, "loras": unknown}, files=files)
+    assert ok.status_code == 200, ok.text
+    assert len(ok.json()["data"]) == 1
+    assert bad.status_code == 422 and "loras" in bad.json()["message"] and "no-such-adapter" in bad.text
