@@ -39,12 +39,10 @@ from server.schemas import (
     ResolvedRequest,
     SamplerList,
     Timings,
-    echo_input,
     field_error,
     resolve_generate,
     resolve_openai,
     resolve_openai_edit,
-    utf8_text,
 )
 from server.state import ServerState
 
@@ -95,12 +93,9 @@ api = APIRouter(dependencies=[Depends(require_api_key)])
 def _body_errors(exc: ValidationError) -> RequestValidationError:
     errors = []
     for err in exc.errors(include_url=False):
-        # what the 422 echoes must render: lone surrogates escaped, a NaN or Infinity input dropped
-        field = utf8_text(".".join(str(p) for p in err["loc"]))
-        msg = utf8_text(err["msg"])
-        loc = ("body", *map(utf8_text, err["loc"]))
-        err = {**err, "loc": loc, "msg": f"{field}: {msg}" if field else msg}
-        err["input"] = echo_input(err.get("input"))
+        # the app's 422 handler makes what is echoed renderable (surrogates escaped, NaN/Infinity dropped)
+        field = ".".join(str(p) for p in err["loc"])
+        err = {**err, "loc": ("body", *err["loc"]), "msg": f"{field}: {err['msg']}" if field else err["msg"]}
         if {"control_image", "image", "mask_image"} & set(map(str, err["loc"])):
             err["input"] = None  # never echo an image back
         errors.append(err)

@@ -95,11 +95,10 @@ def json_form_field(v: Any, info: ValidationInfo) -> Any:
 
 def field_error(field: str, message: str, value: Any = None) -> RequestValidationError:
     """A 422 for one body field, shaped like FastAPI's own validation errors."""
-    field = utf8_text(field)
-    return RequestValidationError([
-        {"type": "value_error", "loc": ("body", field), "msg": utf8_text(f"{field}: {message}"),
-         "input": echo_input(value)}
-    ])  # fmt: skip
+    # the app's 422 handler makes what is echoed renderable (surrogates escaped, NaN/Infinity dropped)
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("body", field), "msg": f"{field}: {message}", "input": value}]
+    )
 
 
 # -- models as clients see them: server/catalog.py (no web imports: the engine process builds them) --
