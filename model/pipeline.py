@@ -290,7 +290,7 @@ def _default_text_encoder(device: torch.device, dtype: torch.dtype) -> Any:
     return TextEncoder.load(device=device, dtype=dtype)
 
 
-def _vae_dtype(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
+def default_vae_dtype(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
     # fp16 overflows in the SD VAE's activations (diffusers' force_upcast): fp32 then; bf16/fp32 as asked
     return torch.float32 if dtype == torch.float16 and force_upcast else dtype
 
@@ -323,7 +323,7 @@ def _load_diffusers(
     vae = load_vae(
         _inside(folder, root, "vae"),
         device,
-        vae_dtype or _vae_dtype(dtype, vae_cfg.force_upcast),
+        vae_dtype or default_vae_dtype(dtype, vae_cfg.force_upcast),
         variant=pf.variants["vae"],
     )
     text_encoder: CLIPTextEncoder | SDXLTextEncoder

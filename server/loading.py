@@ -34,6 +34,14 @@ def _resolve_device_dtype(settings: Settings) -> tuple[Any, Any]:
     return device, dtype
 
 
+def resolve_vae_dtype(settings: Settings) -> Any:
+    """``vae_dtype`` as a torch dtype for the loader; None for "auto" (the loader's rule: fp32 when the VAE
+    config sets force_upcast and the U-Net runs in fp16, else the U-Net's dtype)."""
+    import torch
+
+    return None if settings.vae_dtype == "auto" else getattr(torch, settings.vae_dtype)
+
+
 @dataclass
 class LoadInfo:
     """What the HTTP side needs from loading (picklable: an engine process sends it to the parent)."""
@@ -90,7 +98,12 @@ def load_worker(settings: Settings, text_encoder_loader: TextEncoderLoader | Non
     weights_dir = resolve_weights_dir(s)
     failures: dict[str, str] = {}
     pipelines = load_pipelines(
-        weights_dir, s.models or None, device=device, dtype=dtype, text_encoder_loader=text_encoder_loader,
+        weights_dir,
+        s.models or None,
+        device=device,
+        dtype=dtype,
+        text_encoder_loader=text_encoder_loader,
+        vae_dtype=resolve_vae_dtype(s),
         failures=failures,
     )
     check_failures(pipelines, failures, s.skip_broken_models)
@@ -115,14 +128,18 @@ def load_worker(settings: Settings, text_encoder_loader: TextEncoderLoader | Non
     from server.loras import lora_dir
 
     worker = Worker(
-        pipelines, s.batch_buckets, cuda_graphs=s.cuda_graphs, max_steps_ahead=s.max_steps_ahead,
+        pipelines,
+        s.batch_buckets,
+        cuda_graphs=s.cuda_graphs,
+        max_steps_ahead=s.max_steps_ahead,
         lora_dir=lora_dir(weights_dir),
     )
     worker.warmup()
     if compiled:
         # A shape not warmed (another image size) runs eagerly instead of compiling on the hot path.
         torch.compiler.set_stance("eager_on_recompile")
-    log.info("loaded %s on %s/%s, attention %s", sorted(pipelines), device, dtype, backend)
+    vaes = {n: str(p.vae.dtype).removeprefix("torch.") for n, p in pipelines.items() if p.vae is not None}
+    log.info(
+        "loaded %s on %s/%s, attention %s, VAEs %s", sorted(pipelines), device, dtype, backend, vaes or "-"
+    )
     return worker, info
-
-

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     min_engines: int | None = Field(None, ge=1)
     # U-Net weights dtype; "auto" = float16 on CUDA, float32 on CPU. Sampler arithmetic is always fp32.
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # VAE dtype of latent (Stable Diffusion) models. "auto" = fp32 when the VAE config sets force_upcast and
+    # the U-Net runs in fp16 (the SD VAEs overflow fp16), else the U-Net's dtype. "bfloat16" has fp32's
+    # exponent range (no overflow) at fp16 speed on Ampere/Hopper: the fp32 decode is a quarter of the device
+    # time of SD1.5 at 512² on an H200 (issue 17); pixels move by a fraction of a level in 255.
+    vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # Attention backend; "auto" probes xformers, then sdpa, then math by running a tiny call.
     attention_backend: Literal["auto", "xformers", "sdpa", "math"] = "auto"
     # Most rows (images x CFG halves) in one forward pass; also the largest batch bucket. "auto" = 128 when
@@ -73,6 +78,11 @@ class Settings(BaseSettings):
     # Refuse (503 + Retry-After) a request that, at the engine's measured pace and the work already
     # admitted, would finish after its deadline, instead of letting it time out in the queue.
     shed_load: bool = True
+    # With shed_load: while the event loop runs more than this many seconds behind (or a fifth of
+    # request_timeout_seconds, if less), new generation requests get 503 + Retry-After before their body is
+    # read. Admission cannot see the time a request waits for a saturated front end (socket backlog, ready
+    # queue); this bounds it. 0 turns it off. See server/looplag.py.
+    shed_loop_lag_seconds: float = Field(0.5, ge=0)
     # Deadline of a /generate or /v1/images/generations request, from arrival (504 past it).
     request_timeout_seconds: float = Field(120.0, gt=0)
     # Deadline of a /v1/jobs job, from arrival.
