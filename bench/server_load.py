@@ -48,6 +48,10 @@ METRICS = {
     "step_s": "unet_server_forward_duration_seconds",
     "queue_s": "unet_server_queue_wait_seconds",  # arrival to first forward pass (one model per run)
 }
+COUNTERS = {  # 503s by where they were decided (issue 15, item 4)
+    "shed_admission": "unet_server_shed_requests_total",  # admission: would miss its deadline
+    "shed_front": "unet_server_front_shed_requests_total",  # the event loop ran behind
+}
 
 
 # --- the model folder the server loads -------------------------------------------------------------
@@ -126,10 +130,13 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
             try:
                 r = await client.get(self.url + "/health/ready", timeout=2)
-                if r.status_code == 200:
-                    return time.monotonic() - self.t0
             except Exception:  # noqa: BLE001 - not listening yet
-                pass
+                r = None
+            if r is not None and r.status_code == 200:
+                return time.monotonic() - self.t0
+            if r is not None and r.status_code == 503 and _json_status(r) == "failed":
+                # loading failed for good (e.g. a model's dependency is missing): no point waiting it out
+                raise RuntimeError(f"server failed to load: {r.text[:2000]}\n{self.tail()}")
             await asyncio.sleep(0.1)
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.tail()}")
 
@@ -148,6 +155,15 @@ class ServerProcess:
         self.log.close()
 
 
+def _json_status(r) -> str | None:
+    """The "status" field of a JSON response, or None."""
+    try:
+        body = r.json()
+    except ValueError:
+        return None
+    return body.get("status") if isinstance(body, dict) else None
+
+
 async def scrape(client, url: str) -> dict[str, float]:
     """Sums and counts of the histograms in METRICS (unlabelled), from /metrics."""
     text = (await client.get(url + "/metrics", timeout=10)).text
@@ -156,6 +172,9 @@ async def scrape(client, url: str) -> dict[str, float]:
         for part in ("sum", "count"):
             m = re.search(rf"^{name}_{part}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)
             out[f"{key}_{part}"] = float(m.group(1)) if m else float("nan")
+    for key, name in COUNTERS.items():
+        m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)
+        out[key] = float(m.group(1)) if m else float("nan")
     return out
 
 
@@ -171,6 +190,7 @@ def metric_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str
         "padded_per_fwd": mean("padded"),
         "step_ms": 1e3 * mean("step_s"),
         "queue_ms": 1e3 * mean("queue_s"),
+        **{k: after[k] - before[k] for k in COUNTERS},
     }
 
 
@@ -201,11 +221,13 @@ class Recorder:
         else:
             self.errors[key] = self.errors.get(key, 0) + 1
 
-    def summary(self, images_per_request: int) -> dict[str, Any]:
+    def summary(self, images_per_request: int, deadline_s: float | None = None) -> dict[str, Any]:
+        """``ok_past_deadline``: answered 200 later (client clock) than ``deadline_s``, when given."""
         lat = sorted(self.latencies)
         n = len(lat)
         span = (self.last_done - self.first_send) if n and self.last_done else float("nan")
         return {
+            "ok_past_deadline": sum(x > deadline_s for x in lat) if deadline_s else None,
             "client_cpu_pct": 100.0 * max(self.client_cpu) if self.client_cpu else None,
             "ok": n,
             "errors": ",".join(f"{k}:{v}" for k, v in self.errors.items()) or None,
@@ -462,11 +484,13 @@ async def open_loop(
     return rec
 
 
-async def measure_point(client, server: ServerProcess, label: str, coro) -> dict[str, Any]:
+async def measure_point(
+    client, server: ServerProcess, label: str, coro, deadline_s: float | None = None
+) -> dict[str, Any]:
     before = await scrape(client, server.url)
     rec = await coro
     after = await scrape(client, server.url)
-    row = {"point": label, **rec.summary(1), **metric_deltas(before, after)}
+    row = {"point": label, **rec.summary(1, deadline_s), **metric_deltas(before, after)}
     print(
         f"    {label:<16} {row['img_s']:8.1f} img/s  p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms"
         f"  rows/fwd {row['rows_per_fwd']:6.1f}  errors {row['errors']}",
@@ -525,7 +549,8 @@ async def run_server(
                         pool = start_pool(open_procs(rate))
                     timeout = args.request_timeout
                     coro = open_loop_procs(pool, server.url, bodies, rate, args.duration, timeout)
-                    row = await measure_point(client, server, f"open {rate:.1f}/s", coro)
+                    deadline = float(flags.get("request_timeout_seconds", 0)) or None  # a variant's
+                    row = await measure_point(client, server, f"open {rate:.1f}/s", coro, deadline)
                     rows.append({"server": label, "offered_img_s": rate, **row})
     except Exception as e:  # noqa: BLE001
         info["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
@@ -606,6 +631,9 @@ COLUMNS = [
     "p99_ms",
     "mean_ms",
     "queue_ms",
+    "ok_past_deadline",
+    "shed_admission",
+    "shed_front",
     "rows_per_fwd",
     "padded_per_fwd",
     "step_ms",

@@ -945,4 +945,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    # a soak that failed to run, or whose verdict is not flat, exits non-zero (scripts and CI see it)
+    raise SystemExit(0 if result.get("flat") else 1)

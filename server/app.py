@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.client import EngineClient, EngineLoadError, InprocClient
 from server.devices import DevicesError, engine_devices, engine_settings
 from server.lifecycle import RequestManager
+from server.looplag import LoopLag
 from server.metrics import Metrics
 from server.schemas import ValidationContext, echo_input, utf8_text
 from server.settings import Settings
@@ -110,11 +112,15 @@ def _import_for_validation() -> None:
 
 
 class _CountRequests:
-    """Pure ASGI middleware: requests_total and request_duration_seconds for the generation endpoints."""
+    """Pure ASGI middleware: requests_total and request_duration_seconds for the generation endpoints, and
+    the front end's own load shedding: while the event loop runs more than ``shed_lag`` seconds behind
+    (``LoopLag``), a new generation request gets 503 + Retry-After before its body is read."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, lag: LoopLag | None = None, shed_lag: float = 0.0):
         self.app = app
         self.metrics = metrics
+        self.lag = lag
+        self.shed_lag = shed_lag  # seconds; 0: never
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = COUNTED_ENDPOINTS.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -124,6 +130,11 @@ class _CountRequests:
         import time
 
         start = time.monotonic()
+        if self.shed_lag > 0 and self.lag is not None and (lag := self.lag.current()) > self.shed_lag:
+            await self._shed(scope, endpoint, lag, send)
+            took = time.monotonic() - start
+            self.metrics.request_duration_seconds.labels("unknown", endpoint).observe(took)
+            return
         # The deadline counts from here: time spent waiting for the event loop before admission is part of
         # what the client sees (RequestManager.submit sheds a request whose deadline has passed by then).
         scope.setdefault("state", {})["arrived"] = start
@@ -143,6 +154,19 @@ class _CountRequests:
             self.metrics.requests_total.labels(model, endpoint, str(code)).inc()
             self.metrics.request_duration_seconds.labels(model, endpoint).observe(time.monotonic() - start)
 
+    async def _shed(self, scope: Scope, endpoint: str, lag: float, send: Send) -> None:
+        """503 without reading the body: the cheapest answer a saturated loop can give."""
+        self.metrics.front_shed_requests_total.inc()
+        self.metrics.requests_total.labels("unknown", endpoint, "503").inc()
+        message = f"the server is overloaded (its event loop is {lag:.2f} s behind); retry later"
+        retry = str(max(1, min(30, math.ceil(lag))))
+        response = JSONResponse({"detail": message, "message": message}, 503, headers={"Retry-After": retry})
+        await response(scope, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}  # never called: a response does not read the request
+
 
 def create_app(
     settings: Settings | None = None,
@@ -157,6 +181,8 @@ def create_app(
     settings = settings or Settings()
     metrics = Metrics()
     state = ServerState(settings=settings, metrics=metrics)
+    lag = LoopLag()
+    metrics.event_loop_lag_seconds.set_function(lag.current)
 
     def make_client(engine_settings: Settings) -> EngineClient:
         if use_engine_process(settings):
@@ -249,9 +275,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.load_task = asyncio.create_task(load_and_start())
+        lag.start()
         try:
             yield
         finally:
+            await lag.stop()
             state.ready = False
             if not state.load_task.done():
                 state.load_task.cancel()
@@ -274,7 +302,10 @@ def create_app(
     app.include_router(router)
     app.include_router(lora_router)
     app.include_router(playground_router)
-    app.add_middleware(_CountRequests, metrics=metrics)
+    # a request that meets a loop this far behind has lost a fifth of its deadline before admission sees it
+    shed_lag = min(settings.shed_loop_lag_seconds, 0.2 * settings.request_timeout_seconds)
+    shed_lag = shed_lag if settings.shed_load else 0.0
+    app.add_middleware(_CountRequests, metrics=metrics, lag=lag, shed_lag=shed_lag)
 
     # Error bodies keep FastAPI's ``detail`` and add a top-level ``message`` (what OpenAI's client shows).
     @app.exception_handler(RequestValidationError)

@@ -116,6 +116,17 @@ class Metrics:
             "Requests refused at admission (503) because at the current load they would miss their deadline.",
             registry=r,
         )
+        self.front_shed_requests_total = Counter(
+            "unet_server_front_shed_requests_total",
+            "Requests refused (503) before their body was read because the event loop ran behind "
+            "(shed_loop_lag_seconds).",
+            registry=r,
+        )
+        self.event_loop_lag_seconds = Gauge(
+            "unet_server_event_loop_lag_seconds",
+            "How late a 10 ms timer on the server's event loop fires (a new request's wait before the app).",
+            registry=r,
+        )
         self.prompt_cache_total = Counter(
             "unet_server_prompt_cache_total",
             "Prompt encodings by cache result: hit (served from the LRU cache) or miss (encoded).",
