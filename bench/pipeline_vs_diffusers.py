@@ -1,6 +1,7 @@
 """End to end, SD1.5 config at 512²: diffusers' StableDiffusionPipeline + compile vs our server under load.
 
     python -m bench.pipeline_vs_diffusers --out $OUT                  # CUDA, ~6-8 min (compiles dominate)
+    python -m bench.pipeline_vs_diffusers --vae-dtype bfloat16 --out $OUT   # the server's VAE in bf16
     python -m bench.pipeline_vs_diffusers --skip server --out $OUT    # only the diffusers side
     python -m bench.pipeline_vs_diffusers --tiny                      # CPU smoke test (tiny pipeline, 64 px)
 
@@ -12,16 +13,20 @@ written once by diffusers' ``save_pretrained``), 20 steps DPM++ 2M, guidance 7.5
   "reduce-overhead" = Inductor + CUDA graphs, diffusers' documented recipe that compiles in minutes; falls
   back to "default" if it fails) and ``vae.decode`` with mode "default". Serving one request at a time
   (one image per call: latency and img/s) and called with batches of ``--diffusers-batch`` (img/s). Output
-  as PIL images (decoded, converted); no PNG encoding (our server's numbers include it).
+  as PIL images (decoded, converted); no PNG encoding (our server's numbers include it). Its VAE decodes
+  in fp16 (StableDiffusionPipeline does not upcast), which random weights can overflow: one more call
+  (untimed, ``output_type="np"``) counts its images that are all finite and not all black (column
+  ``images_ok``; the timed PIL images are checked for all-black too).
 - ours: ``python -m server`` (engine process, ``--compile true``, CUDA graphs, buckets ``--buckets``) under
   closed-loop load at ``--clients`` (each client sends its next request when its previous one returns).
   Throughput counts the requests that finish inside the measuring window (after ``--settle-s``), so the
   ramp-up and the drain after the window do not dilute it. From /metrics: real rows per forward pass and
-  the step period.
+  the step period. ``--vae-dtype`` is passed to the server (``UNET_SERVER_VAE_DTYPE``; "auto" = fp32, as
+  the VAE config's force_upcast says). A request whose image is not finite is a 500 there (column errors).
 - the VAE decode's share at saturation: the server decodes finished latents in the engine's stream, between
   steps. Its share of the device time = img/s at saturation x the decode time per image, with the decode
-  timed in this process on the server's VAE (same loader, dtype and slicing) at the mean number of images
-  finishing per step (no /metrics series times the decode itself; see the report).
+  timed in this process on the server's VAE (same loader, the dtype the server used, same slicing) at the
+  mean number of images finishing per step (no /metrics series times the decode itself; see the report).
 
 The server starts first (in its own process) and compiles while diffusers compiles here; diffusers is timed
 only after the server is ready and idle, and the server is loaded only after diffusers is freed.
@@ -39,6 +44,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bench import common
@@ -121,6 +127,7 @@ def diffusers_side(
         pipe.vae.decode = torch.compile(eager_decode, mode="default", dynamic=False)
 
     counter = iter(range(10**9))
+    black = [0, 0]  # timed PIL images that are all black, of all timed images
 
     def call(n: int) -> float:
         i = next(counter)
@@ -131,8 +138,23 @@ def diffusers_side(
             guidance_scale=args.guidance, generator=g, output_type="pil",
         ).images  # fmt: skip
         common.sync(device)
+        elapsed = time.perf_counter() - t0
         assert len(images) == n
-        return time.perf_counter() - t0
+        black[0] += sum(max(hi for _, hi in im.getextrema()) == 0 for im in images)  # outside the timing
+        black[1] += n
+        return elapsed
+
+    def check(n: int) -> str:
+        """An untimed call as float arrays: images all finite and not all black, of n (a NaN from an fp16
+        overflow would turn into a black PIL image)."""
+        g = torch.Generator(device).manual_seed(10**6)
+        # (n, H, W, 3) float in [0, 1], NaN kept
+        images = pipe(
+            [PROMPT.format(i=0)] * n, height=size, width=size, num_inference_steps=args.steps,
+            guidance_scale=args.guidance, generator=g, output_type="np",
+        ).images  # fmt: skip
+        ok = sum(bool(np.isfinite(im).all() and im.max() > 0) for im in images)
+        return f"{ok}/{n} finite, not black"
 
     t0 = time.monotonic()
     compile_with(mode)
@@ -152,11 +174,15 @@ def diffusers_side(
     for n in (1, args.diffusers_batch):  # second call per shape: leftover lazy work (graph recording)
         call(n)
     setup_s = time.monotonic() - t0
+    black[:] = [0, 0]  # count only the timed calls
     return {
         "pipe": pipe,
         "call": call,
+        "check": check,
+        "black": black,
         "mode": mode if device.type == "cuda" else "eager",
         "setup_s": setup_s,
+        "vae_dtype": str(pipe.vae.dtype).removeprefix("torch."),
     }
 
 
@@ -164,12 +190,15 @@ def time_diffusers(d: dict, args: argparse.Namespace) -> list[dict[str, Any]]:
     one = [d["call"](1) for _ in range(args.diffusers_reps)]
     many = [d["call"](args.diffusers_batch) for _ in range(max(1, args.diffusers_reps // 2))]
     label = f"diffusers + compile({d['mode']})"
+    black, total = d["black"]
+    ok = f"{d['check'](args.diffusers_batch)}; timed: {black}/{total} black"
     return [
         {"side": label, "point": "1 image per call", "img_s": len(one) / sum(one),
-         "p50_ms": 1e3 * statistics.median(one), "p99_ms": 1e3 * max(one), "calls": len(one)},
+         "p50_ms": 1e3 * statistics.median(one), "p99_ms": 1e3 * max(one), "calls": len(one),
+         "images_ok": ok},
         {"side": label, "point": f"{args.diffusers_batch} images per call",
          "img_s": args.diffusers_batch * len(many) / sum(many), "p50_ms": 1e3 * statistics.median(many),
-         "p99_ms": 1e3 * max(many), "calls": len(many)},
+         "p99_ms": 1e3 * max(many), "calls": len(many), "images_ok": ok},
     ]  # fmt: skip
 
 
@@ -252,13 +281,26 @@ async def load_server(
     return rows
 
 
-def vae_share(folder: Path, sat: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Decode time per image on the server's VAE at the saturation point's images per step, and its share of
-    the device time at that throughput."""
+def server_vae_dtype(folder: Path, vae_dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype the server loads this folder's VAE in: ``--vae-dtype``, or for "auto" the loader's rule
+    applied to the server's U-Net dtype ("auto": fp16 on CUDA, fp32 on the CPU)."""
+    from model.config import VAEConfig
+    from model.loading import read_config
+    from model.pipeline import default_vae_dtype
+
+    if vae_dtype != "auto":
+        return getattr(torch, vae_dtype)
+    unet_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return default_vae_dtype(unet_dtype, VAEConfig.from_dict(read_config(folder / "vae")).force_upcast)
+
+
+def vae_share(folder: Path, sat: dict[str, Any], device: torch.device, vae_dtype: str) -> dict[str, Any]:
+    """Decode time per image on the server's VAE (in the dtype the server used) at the saturation point's
+    images per step, and its share of the device time at that throughput."""
     from model.loading import load_vae
     from server.worker import VAE_DECODE_MAX_ROWS
 
-    vae = load_vae(folder / "vae", device=device)  # the server's dtype rule (fp32 when force_upcast)
+    vae = load_vae(folder / "vae", device=device, dtype=server_vae_dtype(folder, vae_dtype, device))
     k = max(1, round(sat.get("img_per_step") or 1))
     side = int(sat.get("latent") or 64)
     lat = torch.randn(k, vae.config.latent_channels, side, side, device=device)
@@ -267,11 +309,13 @@ def vae_share(folder: Path, sat: dict[str, Any], device: torch.device) -> dict[s
         tm = common.time_call(
             lambda: vae.decode_sliced(lat, max_rows), device, quick=device.type != "cuda", repeats=3
         )
+        finite = bool(torch.isfinite(vae.decode_sliced(lat, max_rows)).all())
     per_image = tm["median_ms"] / k
     share = sat["img_s"] * per_image / 1e3
     period = sat.get("step_period_ms") or math.nan
     return {
         "vae dtype": str(vae.dtype).replace("torch.", ""),
+        "finite": finite,  # N(0, 1) latents decoded in this dtype: no overflow
         "images per decode": k,
         "decode ms": tm["median_ms"],
         "ms per image": per_image,
@@ -333,6 +377,10 @@ def main(argv: list[str] | None = None) -> None:
         "--diffusers-reps", type=int, default=6, help="one-image calls timed (half as many batched)"
     )
     p.add_argument("--no-compile", action="store_true", help="neither side compiles")
+    p.add_argument(
+        "--vae-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+        help="server: UNET_SERVER_VAE_DTYPE (auto: fp32, as force_upcast says); the VAE share uses it too",
+    )  # fmt: skip
     p.add_argument("--clients", default="1,8,32,64")
     p.add_argument("--duration", type=float, default=12.0, help="measuring window per load point (s)")
     p.add_argument("--settle-s", type=float, default=4.0, help="load before each window (s)")
@@ -365,15 +413,18 @@ def main(argv: list[str] | None = None) -> None:
             "compile": str(device.type == "cuda" and not args.no_compile).lower(), "engine_mode": "process",
             "max_batch_rows": args.max_rows, "batch_buckets": args.buckets, "log_level": "warning",
             "max_queue_size": 4096, "shed_load": "false",
-            "request_timeout_seconds": args.request_timeout,
+            "request_timeout_seconds": args.request_timeout, "vae_dtype": args.vae_dtype,
         }  # fmt: skip
         server = sl.ServerProcess("pipeline", flags, work)
         report.note("server: python " + " ".join(server.cmd[1:]))
+        vae = str(server_vae_dtype(folder, args.vae_dtype, device)).removeprefix("torch.")
+        report.note(f"server: VAE decodes in {vae} (--vae-dtype {args.vae_dtype})")
     try:
         if "diffusers" not in skip:
             try:
                 d = diffusers_side(folder, args, device, report)
-                report.note(f"diffusers: compiled and warmed up in {d['setup_s']:.0f}s (mode {d['mode']})")
+                report.note(f"diffusers: compiled and warmed up in {d['setup_s']:.0f}s (mode {d['mode']}); "
+                            f"its VAE decodes in {d['vae_dtype']}")  # fmt: skip
                 if server is not None:  # time diffusers only once the server no longer compiles or captures
                     ready = asyncio.run(_wait_ready(server, args.ready_timeout))
                     report.note(f"server: ready {ready:.0f}s after start (compiling while diffusers did)")
@@ -405,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
         sat = max(ours, key=lambda r: r["img_s"])
         sat["latent"] = args.size // 8
         try:
-            share = vae_share(folder, sat, device)
+            share = vae_share(folder, sat, device, args.vae_dtype)
             report.table(f"VAE decode at saturation ({sat['point']}, {sat['img_s']:.2f} img/s)", [share],
                          list(share))  # fmt: skip
         except Exception as e:  # noqa: BLE001
@@ -423,7 +474,7 @@ async def _wait_ready(server: sl.ServerProcess, timeout: float) -> float:
 
 COLUMNS = [
     "side", "point", "img_s", "p50_ms", "p99_ms", "calls", "rows_per_fwd", "step_period_ms", "img_per_step",
-    "errors",
+    "errors", "images_ok",
 ]  # fmt: skip
 
 
