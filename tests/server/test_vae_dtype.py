@@ -32,9 +32,22 @@ pytestmark = pytest.mark.timeout(180)
 
 MODELS = ["tiny-sd", "tiny-sd-hot"]
 BODY = {"prompt": "a red bag", "seed": 3, "num_inference_steps": 3}
+
+
+def _init_image() -> str:
+    """A 64² RGB PNG (base64) for image-to-image: the VAE encodes it too."""
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+IMG2IMG = {**BODY, "image": _init_image(), "strength": 0.6}
 # Mean |bf16 - fp32| over the uint8 pixels of the served 64² images (torch 2.13 CPU): measured 0.35 levels
 # in 255 (tiny-sd) and 0.27 (tiny-sd-hot), largest single difference 5; the bound leaves ~3x margin.
 MEAN_LEVELS_BOUND = 1.0
+# Image-to-image (strength 0.6; the init image is encoded in bf16 too): measured 0.54 levels (max 7).
+IMG2IMG_MEAN_LEVELS_BOUND = 2.0
 # fp16 VAE (rounding only, no overflow) on tiny-sd: measured 0.04 levels (max 1).
 FP16_MEAN_LEVELS_BOUND = 0.5
 
@@ -66,10 +79,10 @@ def _serve(root: Path, vae_dtype: str) -> Iterator[LiveServer]:
         server.stop()
 
 
-def _generate(server: LiveServer, model: str) -> tuple[int, Any]:
+def _generate(server: LiveServer, model: str, body: dict[str, Any] = BODY) -> tuple[int, Any]:
     """(status, uint8 image (64, 64, 3) as int32, or the error body)."""
     with server.client(timeout=120) as c:
-        r = c.post("/generate", json={**BODY, "model": model})
+        r = c.post("/generate", json={**body, "model": model})
     if r.status_code != 200:
         return r.status_code, r.json()
     (b64,) = r.json()["images"]
@@ -93,6 +106,8 @@ def fp32_images(roots: Path) -> dict[str, np.ndarray]:
             status, out[m] = _generate(server, m)
             assert status == 200, out[m]
             assert out[m].std() > 2  # a decoded image, not a flat one
+        status, out["img2img"] = _generate(server, "tiny-sd", IMG2IMG)
+        assert status == 200, out["img2img"]
     return out
 
 
@@ -162,6 +177,11 @@ def test_bfloat16_vae_served_images_are_close_to_fp32(
             # Same latents (the U-Net runs fp32 either way), decoded in bf16: other bytes, close pixels.
             assert diff.max() > 0, f"{m}: identical to fp32 (the setting was ignored?)"
             assert diff.mean() < MEAN_LEVELS_BOUND, f"{m}: mean |bf16 - fp32| {diff.mean():.3f} levels"
+        # Image-to-image: the init image is encoded in bf16 too, so the latents differ a little as well.
+        status, image = _generate(server, "tiny-sd", IMG2IMG)
+        assert status == 200, image
+        diff = np.abs(image - fp32_images["img2img"])
+        assert 0 < diff.max() and diff.mean() < IMG2IMG_MEAN_LEVELS_BOUND, f"img2img: {diff.mean():.3f}"
 
 
 def test_float16_vae_overflow_fails_the_request_not_a_black_png(
