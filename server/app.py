@@ -111,16 +111,23 @@ def _import_for_validation() -> None:
     import model.schedules  # noqa: F401
 
 
+# The front end sheds on its lag only with at least this many generation requests in flight: a loop that is
+# behind with a few requests is not overloaded by traffic, and refusing more would not help it.
+FRONT_SHED_MIN_IN_FLIGHT = 8
+
+
 class _CountRequests:
     """Pure ASGI middleware: requests_total and request_duration_seconds for the generation endpoints, and
-    the front end's own load shedding: while the event loop runs more than ``shed_lag`` seconds behind
-    (``LoopLag``), a new generation request gets 503 + Retry-After before its body is read."""
+    the front end's own load shedding: while the event loop runs more than ``shed_lag`` seconds behind, tick
+    after tick (``LoopLag.sustained``), and at least FRONT_SHED_MIN_IN_FLIGHT generation requests are in
+    flight, a new generation request gets 503 + Retry-After before its body is read."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, lag: LoopLag | None = None, shed_lag: float = 0.0):
         self.app = app
         self.metrics = metrics
         self.lag = lag
         self.shed_lag = shed_lag  # seconds; 0: never
+        self.in_flight = 0  # generation requests this middleware is handling now
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = COUNTED_ENDPOINTS.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -130,7 +137,12 @@ class _CountRequests:
         import time
 
         start = time.monotonic()
-        if self.shed_lag > 0 and self.lag is not None and (lag := self.lag.current()) > self.shed_lag:
+        if (
+            self.shed_lag > 0
+            and self.lag is not None
+            and self.in_flight >= FRONT_SHED_MIN_IN_FLIGHT
+            and (lag := self.lag.sustained()) > self.shed_lag
+        ):
             await self._shed(scope, endpoint, lag, send)
             took = time.monotonic() - start
             self.metrics.request_duration_seconds.labels("unknown", endpoint).observe(took)
@@ -145,9 +157,11 @@ class _CountRequests:
                 status[0] = message["status"]
             await send(message)
 
+        self.in_flight += 1
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            self.in_flight -= 1
             state = scope.get("state", {})
             model = state.get("model") or "unknown"
             code = state.get("status") or status[0]

@@ -4,22 +4,29 @@ Admission (``RequestManager.submit``) sheds on the engine's load, but it only se
 loop gets to it. When the loop itself is saturated (parsing, validating and answering more requests per
 second than one interpreter can), requests wait in the socket backlog and in the loop's ready queue before
 the app runs — time the client sees and admission cannot. ``LoopLag`` measures that wait as the lateness of
-a short periodic timer; the request-counting middleware answers 503 at once, without reading the body,
-while it exceeds ``shed_loop_lag_seconds``, so the loop spends its time on the requests it has accepted.
+a short periodic timer. The request-counting middleware answers 503 at once, without reading the body,
+while the lag is *sustained* (every one of the last few timers late) and many requests are in flight, so
+the loop spends its time on the requests it has accepted. One stall (a large body parsed, a GC pause) is
+not overload and sheds nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
+
+SUSTAINED_TICKS = 3  # the lag counts as sustained when this many timers in a row were late by that much
 
 
 class LoopLag:
-    """A timer every ``interval`` seconds on the running loop; ``current()`` is how late it is, in seconds."""
+    """A timer every ``interval`` seconds on the running loop; ``current()`` is how late it is, in seconds,
+    and ``sustained()`` the least lateness of the last ``SUSTAINED_TICKS`` timers (the pending one included
+    once it is overdue)."""
 
     def __init__(self, interval: float = 0.01) -> None:
         self.interval = interval
-        self.last = 0.0  # lateness of the last timer that fired
+        self.samples: deque[float] = deque(maxlen=SUSTAINED_TICKS)  # lateness of the last timers that fired
         self._due: float | None = None  # when the pending timer should fire (loop clock)
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -37,18 +44,36 @@ class LoopLag:
                 await self._task
             self._task = None
         self._due = None
+        self.samples.clear()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             self._due = loop.time() + self.interval
             await asyncio.sleep(self.interval)
-            self.last = max(0.0, loop.time() - self._due)
+            self.samples.append(max(0.0, loop.time() - self._due))
+
+    def _overdue(self) -> float | None:
+        due, loop = self._due, self._loop
+        if due is None or loop is None:
+            return None
+        return loop.time() - due  # loop.time() is the monotonic clock: any thread may ask
 
     def current(self) -> float:
         """The lag now: the last timer's lateness, or the pending timer's if it is already overdue (a loop
         that is behind right now cannot run the timer that would say so)."""
-        due, loop = self._due, self._loop
-        if due is None or loop is None:
+        overdue = self._overdue()
+        if overdue is None:
             return 0.0
-        return max(self.last, loop.time() - due)  # loop.time() is the monotonic clock: any thread may ask
+        return max(self.samples[-1] if self.samples else 0.0, overdue)
+
+    def sustained(self) -> float:
+        """The least lateness of the last SUSTAINED_TICKS timers, the pending one counted once overdue;
+        0 until that many have fired."""
+        overdue = self._overdue()
+        if overdue is None:
+            return 0.0
+        recent = list(self.samples)
+        if overdue > 0:
+            recent = [*recent[1:], overdue]
+        return min(recent) if len(recent) == SUSTAINED_TICKS else 0.0

@@ -78,10 +78,10 @@ class Settings(BaseSettings):
     # Refuse (503 + Retry-After) a request that, at the engine's measured pace and the work already
     # admitted, would finish after its deadline, instead of letting it time out in the queue.
     shed_load: bool = True
-    # With shed_load: while the event loop runs more than this many seconds behind (or a fifth of
-    # request_timeout_seconds, if less), new generation requests get 503 + Retry-After before their body is
-    # read. Admission cannot see the time a request waits for a saturated front end (socket backlog, ready
-    # queue); this bounds it. 0 turns it off. See server/looplag.py.
+    # With shed_load: while the event loop stays more than this many seconds behind (or a fifth of
+    # request_timeout_seconds, if less) with many requests in flight, new generation requests get 503 +
+    # Retry-After before their body is read. Admission cannot see the time a request waits for a saturated
+    # front end (socket backlog, ready queue); this bounds it. 0 turns it off. See server/looplag.py.
     shed_loop_lag_seconds: float = Field(0.5, ge=0)
     # Deadline of a /generate or /v1/images/generations request, from arrival (504 past it).
     request_timeout_seconds: float = Field(120.0, gt=0)

@@ -76,4 +76,4 @@ def test_bf16_vae_decode_is_close_to_fp32_and_finite(tmp_path: Path) -> None:
     assert torch.isfinite(bf16).all(), "bf16 VAE decode overflowed (it has fp32's exponent range)"
     psnr = -10 * math.log10(float(((bf16 - ref) / 255).pow(2).mean()))
     assert psnr > MIN_PSNR_DB, f"bf16 vs fp32: {psnr:.1f} dB"
-    assert times[torch.bfloat16] < times[torch.float32], "bf16 decode not faster than fp32"
+    # the speed is printed, not asserted: timings are for benchmarks (bench.pipeline_vs_diffusers), not tests

@@ -7,84 +7,126 @@ import asyncio
 import json
 import time
 
-from server.app import _CountRequests, create_app
+from server.app import FRONT_SHED_MIN_IN_FLIGHT, _CountRequests, create_app
 from server.looplag import LoopLag
 from server.metrics import Metrics
 from server.settings import Settings
 
 
 class Inner:
-    """The app behind the middleware: records that it ran, answers 200 after reading the body."""
+    """The app behind the middleware: reads the body, then answers 200 — at once, or once ``release`` is set
+    when the body asks to be held (requests kept in flight)."""
 
     def __init__(self) -> None:
         self.calls = 0
+        self.held = 0
+        self.release = asyncio.Event()
 
     async def __call__(self, scope, receive, send) -> None:
         self.calls += 1
-        await receive()
+        message = await receive()
+        if b"hold" in message.get("body", b""):
+            self.held += 1
+            await self.release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
 
-async def post(app, path: str = "/generate") -> tuple[int, dict[str, str], dict, int]:
+async def post(app, path: str = "/generate", body: bytes = b'{"model": "m"}') -> tuple[int, dict, dict, int]:
     """(status, headers, JSON body, how many times the body was read) of one POST through ``app``."""
     scope = {"type": "http", "method": "POST", "path": path, "headers": [], "query_string": b""}
     reads, sent = [0], []
 
     async def receive():
         reads[0] += 1
-        return {"type": "http.request", "body": b'{"model": "m"}', "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message):
         sent.append(message)
 
     await app(scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    answer = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     headers = {k.decode().lower(): v.decode() for k, v in start["headers"]}
-    return start["status"], headers, json.loads(body), reads[0]
+    return start["status"], headers, json.loads(answer), reads[0]
 
 
-def test_loop_lag_measures_a_blocked_loop_and_recovers() -> None:
+async def stall(seconds: float, times: int) -> None:
+    """Block the loop ``times`` times in a row (a saturated front end), letting each late timer fire."""
+    for _ in range(times):
+        time.sleep(seconds)
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+
+def test_loop_lag_tells_one_stall_from_a_loop_that_stays_behind() -> None:
     async def body() -> None:
         lag = LoopLag(interval=0.01)
         lag.start()
-        await asyncio.sleep(0.05)
-        assert lag.current() < 0.1  # an idle loop is on time
-        time.sleep(0.3)  # the loop is stuck (as when it parses more requests than it can)
-        assert lag.current() >= 0.25  # overdue timer: seen even before it can fire
-        await asyncio.sleep(0)
-        assert lag.current() >= 0.25  # the late timer fired and recorded its lateness
-        await asyncio.sleep(0.05)
-        assert lag.current() < 0.1  # caught up
+        await asyncio.sleep(0.06)
+        assert lag.current() < 0.1 and lag.sustained() < 0.1  # an idle loop is on time
+        time.sleep(0.3)  # stuck once (a large body parsed, a GC pause)
+        assert lag.current() >= 0.25  # the overdue timer is seen before it can fire
+        assert lag.sustained() < 0.1  # but one stall is not a loop that stays behind
+        await stall(0.3, 1)
+        assert lag.current() >= 0.25 and lag.sustained() < 0.1
+        await stall(0.3, 3)  # behind, tick after tick
+        assert lag.sustained() >= 0.25
+        await asyncio.sleep(0.06)
+        assert lag.current() < 0.1 and lag.sustained() < 0.1  # caught up
         await lag.stop()
-        assert lag.current() == 0.0
+        assert lag.current() == 0.0 and lag.sustained() == 0.0
 
     asyncio.run(body())
 
 
-def test_a_lagging_loop_sheds_before_reading_the_body() -> None:
+def test_a_loop_behind_under_load_sheds_before_reading_the_body() -> None:
     async def body() -> None:
         metrics, inner, lag = Metrics(), Inner(), LoopLag(interval=0.01)
         app = _CountRequests(inner, metrics, lag=lag, shed_lag=0.2)  # type: ignore[arg-type]
         lag.start()
-        await asyncio.sleep(0.03)
-        assert (await post(app))[0] == 200 and inner.calls == 1  # on time: served
+        await asyncio.sleep(0.05)
+        await stall(0.3, 3)
+        assert (await post(app))[0] == 200  # behind, but with nothing in flight: not traffic, served
 
-        time.sleep(0.5)  # the loop falls 0.5 s behind
+        held = [asyncio.create_task(post(app, body=b'{"hold": 1}')) for _ in range(FRONT_SHED_MIN_IN_FLIGHT)]
+        while inner.held < FRONT_SHED_MIN_IN_FLIGHT:
+            await asyncio.sleep(0.01)
+        time.sleep(0.5)  # one stall with many in flight: not overload either
+        assert (await post(app))[0] == 200
+
+        await stall(0.3, 3)  # many in flight and the loop stays behind: shed
         status, headers, answer, reads = await post(app, "/v1/images/generations")
-        assert status == 503 and inner.calls == 1 and reads == 0  # refused before the body was read
+        assert status == 503 and reads == 0  # refused before the body was read
         assert int(headers["retry-after"]) >= 1
         assert "overloaded" in answer["message"] and "behind" in answer["message"]
+        calls = inner.calls
 
-        await asyncio.sleep(0.05)  # caught up: served again
-        assert (await post(app))[0] == 200 and inner.calls == 2
+        await asyncio.sleep(0.06)  # caught up: served again
+        assert (await post(app))[0] == 200 and inner.calls == calls + 1
+        inner.release.set()
+        assert all(r[0] == 200 for r in await asyncio.gather(*held))
         r = metrics.registry
         assert r.get_sample_value("unet_server_front_shed_requests_total") == 1
         assert r.get_sample_value("unet_server_shed_requests_total") == 0  # admission's own count stays apart
         labels = {"model": "unknown", "endpoint": "images", "status": "503"}
         assert r.get_sample_value("unet_server_requests_total", labels) == 1
-        assert (await post(app, "/health/ready"))[0] == 200  # only generation POSTs are shed
+        await lag.stop()
+
+    asyncio.run(body())
+
+
+def test_only_generation_posts_are_shed() -> None:
+    async def body() -> None:
+        metrics, inner, lag = Metrics(), Inner(), LoopLag(interval=0.01)
+        app = _CountRequests(inner, metrics, lag=lag, shed_lag=0.2)  # type: ignore[arg-type]
+        app.in_flight = FRONT_SHED_MIN_IN_FLIGHT  # as if that many were in flight
+        lag.start()
+        await asyncio.sleep(0.05)
+        await stall(0.3, 3)
+        assert (await post(app, "/health/ready"))[0] == 200
+        assert (await post(app, "/v1/loras"))[0] == 200
+        assert (await post(app, "/v1/jobs"))[0] == 503
         await lag.stop()
 
     asyncio.run(body())
