@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from server.app import create_app
 
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, freeze_heap=True),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

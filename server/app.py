@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.client import EngineClient, EngineLoadError, InprocClient
 from server.devices import DevicesError, engine_devices, engine_settings
+from server.heap import freeze_startup_heap
 from server.lifecycle import RequestManager
 from server.looplag import LoopLag
 from server.metrics import Metrics
@@ -186,8 +187,12 @@ def create_app(
     settings: Settings | None = None,
     *,
     text_encoder_loader: Callable[..., Any] | None = None,
+    freeze_heap: bool = False,
 ) -> FastAPI:
-    """Build the app. ``text_encoder_loader(device, dtype)`` overrides the text encoder (tests)."""
+    """Build the app. ``text_encoder_loader(device, dtype)`` overrides the text encoder (tests).
+    ``freeze_heap``: once ready, freeze this process's start-up heap out of the cyclic GC's full collections
+    (server/heap.py) — what ``python -m server`` does; not for a process that builds many apps (tests),
+    where objects alive at that moment would never be collected."""
     from server.lora_routes import router as lora_router
     from server.playground import router as playground_router
     from server.routes import router
@@ -270,6 +275,9 @@ def create_app(
         metrics.engines_serving.set_function(lambda: sum(e.client.serving for e in engine.engines))
         engine.start(asyncio.get_running_loop(), loaded=infos)
         state.engine = engine
+        if freeze_heap:
+            frozen = freeze_startup_heap()  # full GC collections no longer walk the start-up heap
+            log.debug("froze %d start-up objects out of the cyclic GC's reach", frozen)
         state.ready = True
         served = ", ".join(sorted(state.models))
         on = ", ".join(devices[i] for i in sorted(infos)) if pinned else info.device

@@ -67,6 +67,7 @@ def child_main(conn: Any, settings: Settings, text_encoder_loader: Callable[...,
 
     configure_logging(settings.log_level, settings.log_format, process="engine")
     from server.core import EngineCore
+    from server.heap import freeze_startup_heap
     from server.loading import load_worker
 
     try:
@@ -85,6 +86,7 @@ def child_main(conn: Any, settings: Settings, text_encoder_loader: Callable[...,
         except (BrokenPipeError, OSError):  # the parent is gone; the receive loop below notices too
             pass
 
+    freeze_startup_heap()  # the sampling loop does not stall on full GC collections of the models' heap
     conn.send(Ready(PROTOCOL_VERSION, info))
     thread = threading.Thread(target=core.run, args=(emit,), name="unet-engine", daemon=True)
     thread.start()
