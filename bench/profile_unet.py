@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> None:
     spec = uvd.specs(args.tiny)[args.which]
     batch = args.batch or (4 if args.tiny else max(spec.batches))
     folder = uvd.random_folder(spec, Path(args.work_dir), device)
-    ref, ours, why = uvd.load_both(spec, folder, device, dtype)
+    ref, ours, why = uvd.load_both(spec, folder, device, dtype, args.fused_groupnorm)
     sdxl = spec.pooled_dim is not None
     inputs = uvd.make_inputs(spec, batch, device, dtype)
     nets: dict[str, Any] = {}
@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--work-dir", default="/tmp/unet_bench")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument(
+        "--fused-groupnorm", action="store_true", help="ours: GroupNorm+SiLU as Triton kernels (CUDA)"
+    )
     args = p.parse_args(argv)
     args.impl = [s.strip() for s in args.impl.split(",")]
     run(args)

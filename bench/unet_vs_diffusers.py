@@ -204,9 +204,10 @@ def ours_call(unet: torch.nn.Module, sdxl: bool) -> Callable[..., torch.Tensor]:
 
 
 def load_both(
-    spec: Spec, folder: Path, device: torch.device, dtype: torch.dtype
+    spec: Spec, folder: Path, device: torch.device, dtype: torch.dtype, fused_groupnorm: bool = False
 ) -> tuple[torch.nn.Module, torch.nn.Module | None, str | None]:
-    """(diffusers U-Net, ours or None, why ours is None): both eval, fp16/fp32, channels_last on CUDA."""
+    """(diffusers U-Net, ours or None, why ours is None): both eval, fp16/fp32, channels_last on CUDA.
+    ``fused_groupnorm``: our resnets' GroupNorm(+add)+SiLU as model.fused_groupnorm's Triton kernels."""
     import diffusers
 
     import model
@@ -218,6 +219,10 @@ def load_both(
     try:
         ours = model.load_unet(folder, device=device, dtype=dtype)  # channels_last on CUDA
         ours_call(ours, spec.pooled_dim is not None)  # raises when the forward lacks SDXL's inputs
+        if fused_groupnorm:
+            from model.fused_groupnorm import use_fused_groupnorm
+
+            use_fused_groupnorm(ours)
     except (ValueError, NotImplementedError, KeyError) as e:
         return ref, None, f"{type(e).__name__}: {str(e)[:300]}"
     return ref, ours, None
@@ -278,7 +283,7 @@ def bench_spec(
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     t0 = time.monotonic()
     folder = random_folder(spec, Path(args.work_dir), device)
-    ref, ours, why = load_both(spec, folder, device, dtype)
+    ref, ours, why = load_both(spec, folder, device, dtype, args.fused_groupnorm)
     sdxl = spec.pooled_dim is not None
     params = models.param_count(ref) / 1e6
     report.note(
@@ -397,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget-s", type=float, default=None, help="skip what would start past this")
     p.add_argument("--work-dir", default="/tmp/unet_bench")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument(
+        "--fused-groupnorm", action="store_true", help="ours: GroupNorm+SiLU as Triton kernels (CUDA)"
+    )
     args = p.parse_args(argv)
     device = common.pick_device(args.device)
     common.setup_torch(device)
@@ -407,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     recipe = "compile(default)+CUDA graphs" if not args.no_compile else "no compile"
     if device.type != "cuda":
         recipe = "CPU: compile backend eager, no graphs" if not args.no_compile else "CPU eager"
+    if args.fused_groupnorm:
+        recipe += " + fused GroupNorm+SiLU (Triton, ours only)"
     report.note(
         f"recipe: ours {recipe}; diffusers fuse_qkv_projections + {recipe}; fp16 on CUDA, fp32 on CPU"
     )

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import fused_groupnorm
+
 AttnFactory = Callable[[int], nn.Module]
 
 M = TypeVar("M", bound=nn.Module)
@@ -72,8 +74,12 @@ class ResnetBlock2D(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        # (norm1 + SiLU, time add + norm2 + SiLU) as Triton kernels: model.fused_groupnorm.use_fused_groupnorm
+        self.fused_norms: tuple[nn.Module, nn.Module] | None = None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
+        if self.fused_norms is not None and fused_groupnorm.available(x) and not self.scale_shift:
+            return self._forward_fused(x, emb)
         h = self.conv1(F.silu(self.norm1(x)))
         if self.time_emb_proj is None:
             h = self.norm2(h)
@@ -86,6 +92,21 @@ class ResnetBlock2D(nn.Module):
             assert emb is not None, "this resnet injects a time embedding"
             h = self.norm2(h + self.time_emb_proj(F.silu(emb))[:, :, None, None])  # t: (B, Cout, 1, 1)
         h = self.conv2(self.dropout(F.silu(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+    def _forward_fused(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
+        """forward with each GroupNorm (+ the time embedding's add) + SiLU as one fused op."""
+        assert self.fused_norms is not None
+        norm_act1, norm_act2 = self.fused_norms
+        h = self.conv1(norm_act1(x))
+        t = None
+        if self.time_emb_proj is not None:
+            assert emb is not None, "this resnet injects a time embedding"
+            t = self.time_emb_proj(F.silu(emb))  # (B, Cout), added before norm2
+        h = self.conv2(self.dropout(norm_act2(h, t)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         out = x + h
