@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> None:
     spec = uvd.specs(args.tiny)[args.which]
     batch = args.batch or (4 if args.tiny else max(spec.batches))
     folder = uvd.random_folder(spec, Path(args.work_dir), device)
-    ref, ours, why = uvd.load_both(spec, folder, device, dtype, args.fused_groupnorm)
+    ref, ours, why = uvd.load_both(spec, folder, device, dtype, args.fused_groupnorm, args.fp8)
     sdxl = spec.pooled_dim is not None
     inputs = uvd.make_inputs(spec, batch, device, dtype)
     nets: dict[str, Any] = {}
@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--fused-groupnorm", action="store_true", help="ours: GroupNorm+SiLU as Triton kernels (CUDA)"
     )
+    p.add_argument("--fp8", action="store_true", help="ours: attention/feed-forward linears in FP8 (e4m3)")
     args = p.parse_args(argv)
     args.impl = [s.strip() for s in args.impl.split(",")]
     run(args)

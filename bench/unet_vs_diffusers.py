@@ -204,10 +204,12 @@ def ours_call(unet: torch.nn.Module, sdxl: bool) -> Callable[..., torch.Tensor]:
 
 
 def load_both(
-    spec: Spec, folder: Path, device: torch.device, dtype: torch.dtype, fused_groupnorm: bool = False
-) -> tuple[torch.nn.Module, torch.nn.Module | None, str | None]:
+    spec: Spec, folder: Path, device: torch.device, dtype: torch.dtype, fused_groupnorm: bool = False,
+    fp8: bool = False,
+) -> tuple[torch.nn.Module, torch.nn.Module | None, str | None]:  # fmt: skip
     """(diffusers U-Net, ours or None, why ours is None): both eval, fp16/fp32, channels_last on CUDA.
-    ``fused_groupnorm``: our resnets' GroupNorm(+add)+SiLU as model.fused_groupnorm's Triton kernels."""
+    ``fused_groupnorm``: our resnets' GroupNorm(+add)+SiLU as model.fused_groupnorm's Triton kernels;
+    ``fp8``: our attention and feed-forward linears in e4m3 (model.fp8)."""
     import diffusers
 
     import model
@@ -223,6 +225,10 @@ def load_both(
             from model.fused_groupnorm import use_fused_groupnorm
 
             use_fused_groupnorm(ours)
+        if fp8:
+            from model.fp8 import use_fp8
+
+            use_fp8(ours)
     except (ValueError, NotImplementedError, KeyError) as e:
         return ref, None, f"{type(e).__name__}: {str(e)[:300]}"
     return ref, ours, None
@@ -283,7 +289,7 @@ def bench_spec(
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     t0 = time.monotonic()
     folder = random_folder(spec, Path(args.work_dir), device)
-    ref, ours, why = load_both(spec, folder, device, dtype, args.fused_groupnorm)
+    ref, ours, why = load_both(spec, folder, device, dtype, args.fused_groupnorm, args.fp8)
     sdxl = spec.pooled_dim is not None
     params = models.param_count(ref) / 1e6
     report.note(
@@ -405,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--fused-groupnorm", action="store_true", help="ours: GroupNorm+SiLU as Triton kernels (CUDA)"
     )
+    p.add_argument("--fp8", action="store_true", help="ours: attention/feed-forward linears in FP8 (e4m3)")
     args = p.parse_args(argv)
     device = common.pick_device(args.device)
     common.setup_torch(device)
@@ -415,10 +422,13 @@ def main(argv: list[str] | None = None) -> None:
     recipe = "compile(default)+CUDA graphs" if not args.no_compile else "no compile"
     if device.type != "cuda":
         recipe = "CPU: compile backend eager, no graphs" if not args.no_compile else "CPU eager"
+    ours_recipe = recipe
     if args.fused_groupnorm:
-        recipe += " + fused GroupNorm+SiLU (Triton, ours only)"
+        ours_recipe += " + fused GroupNorm+SiLU (Triton)"
+    if args.fp8:
+        ours_recipe += " + FP8 attention/feed-forward linears (max|ours-diff| is then their error too)"
     report.note(
-        f"recipe: ours {recipe}; diffusers fuse_qkv_projections + {recipe}; fp16 on CUDA, fp32 on CPU"
+        f"recipe: ours {ours_recipe}; diffusers fuse_qkv_projections + {recipe}; fp16 on CUDA, fp32 on CPU"
     )
     budget = common.Budget(args.budget_s)
     table = specs(args.tiny)
