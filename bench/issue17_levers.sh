@@ -4,7 +4,8 @@
 # 1. kernel time by kind of the compiled SD1.5 forward at batch 32: ours, ours + fused GroupNorm+SiLU,
 #    ours + FP8 linears (bench.profile_unet);
 # 2. ours vs diffusers + compile + CUDA graphs at batch 2 and 32, with each lever (bench.unet_vs_diffusers;
-#    the max|ours-diff| column is also the levers' error against fp16 diffusers).
+#    the max|ours-diff| column is also the levers' error against fp16 diffusers);
+# 3. the VAE decode per image: fp32 / bf16, eager / fused GroupNorm / compiled (bench.vae_decode).
 set -uo pipefail
 OUT=${1:?usage: bash bench/issue17_levers.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -19,3 +20,4 @@ run profile_fp8 python -m bench.profile_unet --fp8 --out "$OUT/profile_fp8"
 run uvd_fused_gn python -m bench.unet_vs_diffusers --which sd15 --batches 2,32 --fused-groupnorm --out "$OUT/uvd_fused_gn"
 run uvd_fp8 python -m bench.unet_vs_diffusers --which sd15 --batches 2,32 --fp8 --out "$OUT/uvd_fp8"
 run uvd_both python -m bench.unet_vs_diffusers --which sd15 --batches 2,32 --fused-groupnorm --fp8 --out "$OUT/uvd_both"
+run vae_decode python -m bench.vae_decode --out "$OUT/vae_decode"
