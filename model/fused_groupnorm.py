@@ -157,11 +157,11 @@ class FusedGroupNormSiLU(nn.Module):
 def use_fused_groupnorm(module: nn.Module, enabled: bool = True) -> int:
     """Switch every ``ResnetBlock2D`` under ``module`` to the fused kernels (or back); returns how many.
     Only where they can run (CUDA tensors); elsewhere the blocks compute the same with torch ops."""
-    from model.blocks import ResnetBlock2D
-
     count = 0
-    for m in module.modules():
-        if isinstance(m, ResnetBlock2D) and not m.scale_shift:
-            m.fused_norms = (FusedGroupNormSiLU(m.norm1), FusedGroupNormSiLU(m.norm2)) if enabled else None
+    for m in module.modules():  # ResnetBlock2D (not imported: model.blocks imports this module)
+        if hasattr(m, "fused_norms") and not m.scale_shift:
+            norm1, norm2 = m.norm1, m.norm2
+            assert isinstance(norm1, nn.GroupNorm) and isinstance(norm2, nn.GroupNorm)
+            m.fused_norms = (FusedGroupNormSiLU(norm1), FusedGroupNormSiLU(norm2)) if enabled else None
             count += 1
     return count
