@@ -162,6 +162,7 @@ def use_fused_groupnorm(module: nn.Module, enabled: bool = True) -> int:
         if hasattr(m, "fused_norms") and not m.scale_shift:
             norm1, norm2 = m.norm1, m.norm2
             assert isinstance(norm1, nn.GroupNorm) and isinstance(norm2, nn.GroupNorm)
-            m.fused_norms = (FusedGroupNormSiLU(norm1), FusedGroupNormSiLU(norm2)) if enabled else None
+            fused = (FusedGroupNormSiLU(norm1), FusedGroupNormSiLU(norm2)) if enabled else None
+            object.__setattr__(m, "fused_norms", fused)  # a plain attribute: not registered as submodules
             count += 1
     return count
