@@ -62,3 +62,19 @@ def test_an_integer_too_long_to_parse_is_a_422(client: httpx.Client) -> None:
     body = '{"seed": ' + "9" * 5000 + "}"
     r = client.post("/generate", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422 and "not valid JSON" in r.text
+
+
+def test_thousands_of_errors_are_counted_not_all_listed(client: httpx.Client) -> None:
+    # 5,000 unknown fields: 5,000 validation errors. Rendering each would hold the event loop for about a
+    # second; the 422 lists the first MAX_422_ERRORS and counts the rest.
+    from server.app import MAX_422_ERRORS
+
+    fields = ", ".join(f'"extra{j}": {j}' for j in range(5000))
+    raw = ('{"model": "m", "class_label": 1, ' + fields + "}").encode()
+    r = client.post("/generate", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    body = r.json()
+    assert len(body["detail"]) == MAX_422_ERRORS
+    assert f"more errors (the first {MAX_422_ERRORS} listed)" in body["message"]
+    more = int(body["message"].rsplit("; and ", 1)[1].split()[0])
+    assert len(body["detail"]) + more >= 5000  # every unknown field is counted
