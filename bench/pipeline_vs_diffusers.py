@@ -42,6 +42,7 @@ import statistics
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -294,13 +295,17 @@ def server_vae_dtype(folder: Path, vae_dtype: str, device: torch.device) -> torc
     return default_vae_dtype(unet_dtype, VAEConfig.from_dict(read_config(folder / "vae")).force_upcast)
 
 
-def vae_share(folder: Path, sat: dict[str, Any], device: torch.device, vae_dtype: str) -> dict[str, Any]:
-    """Decode time per image on the server's VAE (in the dtype the server used) at the saturation point's
-    images per step, and its share of the device time at that throughput."""
+def vae_share(
+    folder: Path, sat: dict[str, Any], device: torch.device, vae_dtype: str, vae_groupnorm: str
+) -> dict[str, Any]:
+    """Decode time per image on the server's VAE (in the dtype and GroupNorm kernels the server used) at the
+    saturation point's images per step, and its share of the device time at that throughput."""
     from model.loading import load_vae
+    from server.loading import use_vae_groupnorm
     from server.worker import VAE_DECODE_MAX_ROWS
 
     vae = load_vae(folder / "vae", device=device, dtype=server_vae_dtype(folder, vae_dtype, device))
+    fused = use_vae_groupnorm({"vae": SimpleNamespace(vae=vae)}, device, vae_groupnorm)
     k = max(1, round(sat.get("img_per_step") or 1))
     side = int(sat.get("latent") or 64)
     lat = torch.randn(k, vae.config.latent_channels, side, side, device=device)
@@ -315,6 +320,7 @@ def vae_share(folder: Path, sat: dict[str, Any], device: torch.device, vae_dtype
     period = sat.get("step_period_ms") or math.nan
     return {
         "vae dtype": str(vae.dtype).replace("torch.", ""),
+        "groupnorm": "triton" if fused else "torch",
         "finite": finite,  # N(0, 1) latents decoded in this dtype: no overflow
         "images per decode": k,
         "decode ms": tm["median_ms"],
@@ -381,6 +387,10 @@ def main(argv: list[str] | None = None) -> None:
         "--vae-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
         help="server: UNET_SERVER_VAE_DTYPE (auto: fp32, as force_upcast says); the VAE share uses it too",
     )  # fmt: skip
+    p.add_argument(
+        "--vae-groupnorm", default="auto", choices=["auto", "torch", "triton"],
+        help="server: UNET_SERVER_VAE_GROUPNORM (auto: Triton kernels on CUDA); the VAE share uses it too",
+    )  # fmt: skip
     p.add_argument("--clients", default="1,8,32,64")
     p.add_argument("--duration", type=float, default=12.0, help="measuring window per load point (s)")
     p.add_argument("--settle-s", type=float, default=4.0, help="load before each window (s)")
@@ -414,11 +424,13 @@ def main(argv: list[str] | None = None) -> None:
             "max_batch_rows": args.max_rows, "batch_buckets": args.buckets, "log_level": "warning",
             "max_queue_size": 4096, "shed_load": "false",
             "request_timeout_seconds": args.request_timeout, "vae_dtype": args.vae_dtype,
+            "vae_groupnorm": args.vae_groupnorm,
         }  # fmt: skip
         server = sl.ServerProcess("pipeline", flags, work)
         report.note("server: python " + " ".join(server.cmd[1:]))
         vae = str(server_vae_dtype(folder, args.vae_dtype, device)).removeprefix("torch.")
-        report.note(f"server: VAE decodes in {vae} (--vae-dtype {args.vae_dtype})")
+        report.note(f"server: VAE decodes in {vae} (--vae-dtype {args.vae_dtype}, "
+                    f"--vae-groupnorm {args.vae_groupnorm})")  # fmt: skip
     try:
         if "diffusers" not in skip:
             try:
@@ -456,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         sat = max(ours, key=lambda r: r["img_s"])
         sat["latent"] = args.size // 8
         try:
-            share = vae_share(folder, sat, device, args.vae_dtype)
+            share = vae_share(folder, sat, device, args.vae_dtype, args.vae_groupnorm)
             report.table(f"VAE decode at saturation ({sat['point']}, {sat['img_s']:.2f} img/s)", [share],
                          list(share))  # fmt: skip
         except Exception as e:  # noqa: BLE001

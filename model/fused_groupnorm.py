@@ -62,6 +62,12 @@ def available(x: torch.Tensor) -> bool:
     return _have_triton()
 
 
+def triton_usable(device: torch.device | str) -> bool:
+    """Whether the kernels can run on ``device`` (CUDA with Triton, or any device under the interpreter)."""
+    dev = torch.device(device)
+    return (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") and _have_triton()
+
+
 def group_norm_silu(
     x: torch.Tensor,
     weight: torch.Tensor,

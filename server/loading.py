@@ -42,6 +42,24 @@ def resolve_vae_dtype(settings: Settings) -> Any:
     return None if settings.vae_dtype == "auto" else getattr(torch, settings.vae_dtype)
 
 
+def use_vae_groupnorm(pipelines: dict[str, Any], device: Any, choice: str) -> int:
+    """Apply ``vae_groupnorm`` to the latent pipelines' VAEs; returns how many resnet blocks run the fused
+    kernels. "triton" where they cannot run raises (no silent fallback); "auto" uses them on CUDA only."""
+    from model.fused_groupnorm import triton_usable, use_fused_groupnorm
+
+    if choice == "torch":
+        return 0
+    usable = triton_usable(device)
+    if choice == "triton" and not usable:
+        raise RuntimeError(
+            f"UNET_SERVER_VAE_GROUPNORM=triton needs CUDA and the triton package (device {device}); "
+            "use auto or torch"
+        )
+    if choice == "auto" and getattr(device, "type", str(device)) != "cuda":
+        return 0
+    return sum(use_fused_groupnorm(p.vae) for p in pipelines.values() if p.vae is not None) if usable else 0
+
+
 @dataclass
 class LoadInfo:
     """What the HTTP side needs from loading (picklable: an engine process sends it to the parent)."""
@@ -107,6 +125,7 @@ def load_worker(settings: Settings, text_encoder_loader: TextEncoderLoader | Non
         failures=failures,
     )
     check_failures(pipelines, failures, s.skip_broken_models)
+    fused_vae_blocks = use_vae_groupnorm(pipelines, device, s.vae_groupnorm)
     modules = {id(m): m for p in pipelines.values() for m in (p.unet, p.controlnet) if m is not None}
     dims: set[int] = set()
     for m in modules.values():
@@ -139,7 +158,9 @@ def load_worker(settings: Settings, text_encoder_loader: TextEncoderLoader | Non
         # A shape not warmed (another image size) runs eagerly instead of compiling on the hot path.
         torch.compiler.set_stance("eager_on_recompile")
     vaes = {n: str(p.vae.dtype).removeprefix("torch.") for n, p in pipelines.items() if p.vae is not None}
+    vae_norms = f", VAE GroupNorm+SiLU in Triton ({fused_vae_blocks} blocks)" if fused_vae_blocks else ""
     log.info(
-        "loaded %s on %s/%s, attention %s, VAEs %s", sorted(pipelines), device, dtype, backend, vaes or "-"
-    )
+        "loaded %s on %s/%s, attention %s, VAEs %s%s",
+        sorted(pipelines), device, dtype, backend, vaes or "-", vae_norms,
+    )  # fmt: skip
     return worker, info

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     # exponent range (no overflow) at fp16 speed on Ampere/Hopper: the fp32 decode is a quarter of the device
     # time of SD1.5 at 512² on an H200 (issue 17); pixels move by a fraction of a level in 255.
     vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # The VAE decoder's GroupNorm+SiLU (latent models): "triton" = model.fused_groupnorm's kernels (fp32
+    # statistics; on an H200 they halve the SD1.5 512² decode: 21.6 -> 12.5 ms/image fp32, 16.8 -> 9.0 bf16,
+    # bench.vae_decode, RESULTS run 21), "torch" = torch ops, "auto" = triton on CUDA when Triton is
+    # installed, else torch. "triton" where it cannot run (no CUDA, no Triton) fails the start-up.
+    vae_groupnorm: Literal["auto", "torch", "triton"] = "auto"
     # Attention backend; "auto" probes xformers, then sdpa, then math by running a tiny call.
     attention_backend: Literal["auto", "xformers", "sdpa", "math"] = "auto"
     # Most rows (images x CFG halves) in one forward pass; also the largest batch bucket. "auto" = 128 when

@@ -1,7 +1,10 @@
-"""``vae_dtype`` (UNET_SERVER_VAE_DTYPE, --vae-dtype): the dtype latent pipelines load their VAE in.
+"""``vae_dtype`` (UNET_SERVER_VAE_DTYPE, --vae-dtype): the dtype latent pipelines load their VAE in, and
+``vae_groupnorm`` (UNET_SERVER_VAE_GROUPNORM): the VAE's GroupNorm+SiLU as Triton kernels or torch ops.
 
 "auto" keeps the force_upcast rule; "bfloat16" decodes a few pixel levels away from fp32 and never
 overflows where fp16 does; an fp16 overflow (NaN) still fails its request with a 500, not a black PNG.
+The Triton GroupNorm (run in Triton's interpreter here: tests/conftest.py sets TRITON_INTERPRET=1 without a
+GPU) serves the fp32 decode's images within a pixel level.
 Tiny SD pipeline (diffusers-written, random weights) served by the real app on the CPU.
 """
 
@@ -23,7 +26,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from model.pipeline import load_pipelines
-from server.loading import resolve_vae_dtype
+from server.loading import resolve_vae_dtype, use_vae_groupnorm
 from server.settings import Settings
 from tests.model.sd_helpers import build_tiny_sd
 from tests.server.conftest import LiveServer, start_server
@@ -69,10 +72,11 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def _serve(root: Path, vae_dtype: str) -> Iterator[LiveServer]:
+def _serve(root: Path, vae_dtype: str, vae_groupnorm: str = "auto") -> Iterator[LiveServer]:
     server = start_server(
-        root, models=MODELS, vae_dtype=vae_dtype, max_image_size=64, batch_buckets=[4], max_batch_rows=4
-    )
+        root, models=MODELS, vae_dtype=vae_dtype, vae_groupnorm=vae_groupnorm, max_image_size=64,
+        batch_buckets=[4], max_batch_rows=4,
+    )  # fmt: skip
     try:
         yield server
     finally:
@@ -197,3 +201,55 @@ def test_float16_vae_overflow_fails_the_request_not_a_black_png(
         with server.client() as c:
             metrics = c.get("/metrics").text
         assert 'unet_server_nonfinite_outputs_total{model="tiny-sd-hot"} 1.0' in metrics
+
+
+def _fused_blocks(module: torch.nn.Module) -> tuple[int, int]:
+    """(resnet blocks running the fused kernels, resnet blocks) under ``module``."""
+    blocks = [m for m in module.modules() if hasattr(m, "fused_norms")]
+    return sum(m.fused_norms is not None for m in blocks), len(blocks)
+
+
+def test_vae_groupnorm_setting_and_where_triton_cannot_run(
+    roots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Settings().vae_groupnorm == "auto"
+    monkeypatch.setenv("UNET_SERVER_VAE_GROUPNORM", "triton")
+    assert Settings().vae_groupnorm == "triton"
+    monkeypatch.setenv("UNET_SERVER_VAE_GROUPNORM", "cuda")
+    with pytest.raises(ValidationError, match="vae_groupnorm"):
+        Settings()
+    monkeypatch.delenv("UNET_SERVER_VAE_GROUPNORM")
+    pipes = load_pipelines(roots, ["tiny-sd"], dtype=torch.float32)
+    (p,) = pipes.values()
+    assert p.vae is not None
+    cpu = torch.device("cpu")
+    # "auto" never picks the kernels off CUDA (not even under the interpreter); "torch" never does.
+    assert use_vae_groupnorm(pipes, cpu, "auto") == 0 and use_vae_groupnorm(pipes, cpu, "torch") == 0
+    assert _fused_blocks(p.vae)[0] == 0
+    # "triton" where the kernels cannot run fails loudly instead of decoding with torch ops.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="UNET_SERVER_VAE_GROUPNORM=triton needs CUDA"):
+        use_vae_groupnorm(pipes, cpu, "triton")
+    assert _fused_blocks(p.vae)[0] == 0
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    total = _fused_blocks(p.vae)[1]
+    assert use_vae_groupnorm(pipes, cpu, "triton") == total > 0
+    assert _fused_blocks(p.vae) == (total, total)
+    assert _fused_blocks(p.unet)[0] == 0  # the VAE only
+
+
+def test_triton_vae_groupnorm_serves_the_torch_images(
+    roots: Path, fp32_images: dict[str, np.ndarray]
+) -> None:
+    with _serve(roots, "auto", vae_groupnorm="triton") as server:
+        fused, total = _fused_blocks(server.core.worker.pipelines["tiny-sd"].vae)
+        assert fused == total > 0
+        status, image = _generate(server, "tiny-sd")
+        assert status == 200, image
+        # Same latents, the same fp32 decode with the norms' statistics in another summation order.
+        diff = np.abs(image - fp32_images["tiny-sd"])
+        assert diff.max() <= 1 and diff.mean() < 0.05, f"max {diff.max()}, mean {diff.mean():.3f} levels"
+        status, image = _generate(server, "tiny-sd", IMG2IMG)  # the encoder's resnets run them too
+        assert status == 200, image
+        diff = np.abs(image - fp32_images["img2img"])
+        assert diff.max() <= 2 and diff.mean() < 0.1, f"img2img: max {diff.max()}, mean {diff.mean():.3f}"
