@@ -23,6 +23,10 @@ written once by diffusers' ``save_pretrained``), 20 steps DPM++ 2M, guidance 7.5
   ramp-up and the drain after the window do not dilute it. From /metrics: real rows per forward pass and
   the step period. ``--vae-dtype`` is passed to the server (``UNET_SERVER_VAE_DTYPE``; "auto" = fp32, as
   the VAE config's force_upcast says). A request whose image is not finite is a 500 there (column errors).
+  Where the time goes (means): ``step_ms`` the engine's wall time per step (/metrics), and per request from
+  the server's X-*-Seconds headers ``queue_ms`` (arrival -> first step: admission, prompt encoding, waiting
+  for a batch), ``sampling_ms`` (first step -> images decoded and PNG-encoded) and ``outside_ms`` (the
+  client's latency beyond the server's total: HTTP, the ~1 MB transfer, the client).
 - the VAE decode's share at saturation: the server decodes finished latents in the engine's stream, between
   steps. Its share of the device time = img/s at saturation x the decode time per image, with the decode
   timed in this process on the server's VAE (same loader, the dtype the server used, same slicing) at the
@@ -206,13 +210,17 @@ def time_diffusers(d: dict, args: argparse.Namespace) -> list[dict[str, Any]]:
 # --- our server ---------------------------------------------------------------------------------------
 
 
+TIMING_HEADERS = ("queue", "sampling", "total")  # the server's X-Queue-Seconds, X-Sampling-Seconds, ...
+
+
 async def closed_point(server: sl.ServerProcess, bodies: sl.Bodies, clients: int, args) -> dict[str, Any]:
     """``clients`` closed-loop clients for settle + duration seconds; stats over requests that finish in the
     window [start + settle, start + settle + duration]; /metrics deltas over the same window."""
     import httpx
 
     pool = sl.Clients(args.request_timeout)
-    done: list[tuple[float, float]] = []  # (sent, finished) of successful requests
+    # (sent, finished, server's queue, sampling and total seconds: X-*-Seconds) of successful requests
+    done: list[tuple[float, float, float, float, float]] = []
     errors: dict[str, int] = {}
     start = time.monotonic()
     w0, w1 = start + args.settle_s, start + args.settle_s + args.duration
@@ -231,10 +239,11 @@ async def closed_point(server: sl.ServerProcess, bodies: sl.Bodies, clients: int
                         server.url + "/generate", json=bodies(), headers={"accept": "image/png"}
                     )
                     key = None if r.status_code == 200 and r.content[:4] == b"\x89PNG" else str(r.status_code)
+                    server_s = [float(r.headers.get(f"x-{h}-seconds", "nan")) for h in TIMING_HEADERS]
                 except Exception as e:  # noqa: BLE001
                     key = type(e).__name__
                 if key is None:
-                    done.append((t0, time.monotonic()))
+                    done.append((t0, time.monotonic(), *server_s))
                 else:
                     errors[key] = errors.get(key, 0) + 1
 
@@ -242,9 +251,14 @@ async def closed_point(server: sl.ServerProcess, bodies: sl.Bodies, clients: int
         await asyncio.gather(*(worker(i) for i in range(clients)))
         (m0, t_m0), (m1, t_m1) = await scrapes
     await pool.aclose()
-    inside = [(s, f) for s, f in done if w0 <= f <= w1]
-    lat = sorted(f - s for s, f in inside)
+    inside = [d for d in done if w0 <= d[1] <= w1]
+    lat = sorted(d[1] - d[0] for d in inside)
     n = len(lat)
+
+    def mean_ms(values: list[float]) -> float:
+        values = [v for v in values if v == v]
+        return 1e3 * statistics.fmean(values) if values else math.nan
+
     deltas = sl.metric_deltas(m0, m1)
     forwards = deltas["forwards"]
     return {
@@ -257,6 +271,13 @@ async def closed_point(server: sl.ServerProcess, bodies: sl.Bodies, clients: int
         "rows_per_fwd": deltas["rows_per_fwd"],
         "step_period_ms": 1e3 * (t_m1 - t_m0) / forwards if forwards else math.nan,
         "img_per_step": n / forwards if forwards else math.nan,
+        # Where a request's time goes (means): the engine's wall time per step (/metrics), and per request
+        # the server's queue (arrival -> first step), sampling (first step -> images decoded and encoded)
+        # and the client's latency beyond the server's total (HTTP, transfer, the client itself).
+        "step_ms": deltas["step_ms"],
+        "queue_ms": mean_ms([d[2] for d in inside]),
+        "sampling_ms": mean_ms([d[3] for d in inside]),
+        "outside_ms": mean_ms([(d[1] - d[0]) - d[4] for d in inside]),
         "errors": ",".join(f"{k}:{v}" for k, v in errors.items()) or None,
     }
 
@@ -486,7 +507,7 @@ async def _wait_ready(server: sl.ServerProcess, timeout: float) -> float:
 
 COLUMNS = [
     "side", "point", "img_s", "p50_ms", "p99_ms", "calls", "rows_per_fwd", "step_period_ms", "img_per_step",
-    "errors", "images_ok",
+    "step_ms", "queue_ms", "sampling_ms", "outside_ms", "errors", "images_ok",
 ]  # fmt: skip
 
 
