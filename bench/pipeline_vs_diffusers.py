@@ -412,6 +412,10 @@ def main(argv: list[str] | None = None) -> None:
         "--vae-groupnorm", default="auto", choices=["auto", "torch", "triton"],
         help="server: UNET_SERVER_VAE_GROUPNORM (auto: Triton kernels on CUDA); the VAE share uses it too",
     )  # fmt: skip
+    p.add_argument(
+        "--png-compress-level", type=int, default=1,
+        help="server: UNET_SERVER_PNG_COMPRESS_LEVEL (0: uncompressed PNGs, ~1 ms instead of ~30 ms at 512²)",
+    )  # fmt: skip
     p.add_argument("--clients", default="1,8,32,64")
     p.add_argument("--duration", type=float, default=12.0, help="measuring window per load point (s)")
     p.add_argument("--settle-s", type=float, default=4.0, help="load before each window (s)")
@@ -446,6 +450,7 @@ def main(argv: list[str] | None = None) -> None:
             "max_queue_size": 4096, "shed_load": "false",
             "request_timeout_seconds": args.request_timeout, "vae_dtype": args.vae_dtype,
             "vae_groupnorm": args.vae_groupnorm,
+            "png_compress_level": args.png_compress_level,
         }  # fmt: skip
         server = sl.ServerProcess("pipeline", flags, work)
         report.note("server: python " + " ".join(server.cmd[1:]))

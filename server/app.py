@@ -267,6 +267,7 @@ def create_app(
             max_rows=settings.batch_rows,
             devices=devices if pinned else [info.device],
             shed=settings.shed_load,
+            png_compress_level=settings.png_compress_level,
         )
         for i, message in errors.items():
             engine.engine_failed(i, message)

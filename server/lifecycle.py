@@ -250,11 +250,13 @@ class RequestManager:
         max_rows: int | None = None,
         devices: Sequence[str] | None = None,
         shed: bool = True,
+        png_compress_level: int = 1,
     ) -> None:
         """``clients``: one per engine core (``devices`` names their devices, for metrics and readiness).
         ``class_names``: per model, for the PNG parameters of class-conditional images. ``max_rows``: an
         engine's rows per forward pass; given, routing and admission estimate finish times from it, and with
-        ``shed`` admission refuses requests that could not meet their deadline (see ``estimated_seconds``)."""
+        ``shed`` admission refuses requests that could not meet their deadline (see ``estimated_seconds``).
+        ``png_compress_level``: the zlib level of the PNGs returned (``server.imaging.to_png``)."""
         if not isinstance(clients, Sequence):
             clients = [clients]
         if not clients:
@@ -265,6 +267,7 @@ class RequestManager:
         self.engines = [Engine(i, d, c) for i, (c, d) in enumerate(zip(clients, devices, strict=True))]
         self.max_rows = max_rows
         self.shed = shed
+        self.png_compress_level = png_compress_level
         self.class_names = dict(class_names or {})
         self.metrics = metrics
         self.max_queue_size = max_queue_size
@@ -628,7 +631,7 @@ class RequestManager:
 
     @staticmethod
     def _preview_data(task: Task, event: Preview) -> dict[str, Any]:
-        images = [base64.b64encode(to_png(img)).decode() for img in event.images]
+        images = [base64.b64encode(to_png(img)).decode() for img in event.images]  # small: level 1
         return {
             "id": task.id,
             "step": event.step,
@@ -662,7 +665,7 @@ class RequestManager:
             names = self.class_names.get(r.model) or []
             name = names[r.class_label] if r.class_label is not None and r.class_label < len(names) else None
             infos = [parameters_chunks(image_parameters(r, i, name)) for i in range(len(images))]
-            return to_pngs(images, infos)
+            return to_pngs(images, infos, self.png_compress_level)
 
         async def encode() -> None:
             try:

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from server.imaging import ImageDecodeError, decode_base64, decode_control_image, from_png, to_png, to_pngs
+from server.pngmeta import parameters_chunks, read_parameters
 
 
 def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -27,6 +28,48 @@ def test_png_roundtrip_gray_and_rgb() -> None:
     assert np.array_equal(from_png(to_png(gray)), gray[:, :, 0])
     for png, img in zip(to_pngs(rgb), rgb, strict=True):
         assert np.array_equal(from_png(png), img)
+
+
+def _smooth(side: int) -> np.ndarray:
+    """An RGB image with large flat-ish areas (compresses like a generated image, unlike noise)."""
+    small = np.random.default_rng(1).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((side, side), Image.Resampling.BICUBIC))
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (24, 40, 1), (24, 40, 3)])
+def test_stored_png_level_0_is_exact_uncompressed_and_keeps_the_parameters(shape: tuple[int, ...]) -> None:
+    img = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+    params = {"model": "m", "prompt": "a café, «quoted», 猫", "seed": 7, "num_inference_steps": 4}
+    png = to_png(img, parameters_chunks(params), compress_level=0)
+    with Image.open(io.BytesIO(png)) as im:
+        im.verify()  # chunk CRCs and structure
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.mode == ("RGB" if len(shape) == 3 and shape[2] == 3 else "L")
+    expected = img if img.ndim == 2 or img.shape[2] == 3 else img[:, :, 0]
+    assert np.array_equal(from_png(png), expected)
+    assert read_parameters(png) == read_parameters(to_png(img, parameters_chunks(params)))
+    assert read_parameters(png)["prompt"] == params["prompt"]  # non-Latin-1 text went out as iTXt
+    raw = expected.size + expected.shape[0]  # one filter byte per row
+    assert len(png) >= raw  # nothing compressed
+    (idat,) = [i for i in range(len(png) - 4) if png[i : i + 4] == b"IDAT"]
+    rows = expected.reshape(expected.shape[0], -1)
+    filtered = np.concatenate([np.zeros((rows.shape[0], 1), np.uint8), rows], 1)  # filter type 0 per row
+    assert zlib.decompress(png[idat + 4 : idat + 4 + struct.unpack(">I", png[idat - 4 : idat])[0]]) == (
+        filtered.tobytes()
+    )
+
+
+def test_png_levels_trade_bytes_for_time_and_reject_bad_levels() -> None:
+    img = _smooth(128)
+    sizes = {level: len(to_png(img, compress_level=level)) for level in (0, 1, 9)}
+    assert sizes[0] > 1.5 * sizes[1] >= 1.5 * sizes[9]
+    for level in (0, 1, 9):
+        assert np.array_equal(from_png(to_png(img, compress_level=level)), img)
+    for bad in (-1, 10):
+        with pytest.raises(ValueError, match="compress_level"):
+            to_png(img, compress_level=bad)
+    with pytest.raises(ValueError, match="expected"):
+        to_png(np.zeros((4, 4, 4), np.uint8), compress_level=0)
 
 
 def test_control_grayscale_resize_and_range() -> None:
