@@ -52,6 +52,24 @@ def setup_torch(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def set_sdpa_backend(name: str) -> None:
+    """Restrict ``F.scaled_dot_product_attention`` to one kernel family for the whole process (both sides of
+    a comparison; torch.compile picks the kernel when it traces, so set this before compiling). "auto"
+    leaves torch's own choice (on an H200 with torch 2.11: cuDNN's flash kernel for SD's shapes)."""
+    if name not in SDPA_BACKENDS:
+        raise ValueError(f"sdpa backend {name!r} is not one of {SDPA_BACKENDS}")
+    if name == "auto":
+        return
+    b = torch.backends.cuda
+    b.enable_flash_sdp(name == "flash")
+    b.enable_mem_efficient_sdp(name == "efficient")
+    b.enable_cudnn_sdp(name == "cudnn")
+    b.enable_math_sdp(name == "math")
+
+
 def env_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device)

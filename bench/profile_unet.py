@@ -155,6 +155,7 @@ def profile_kernels(
 def run(args: argparse.Namespace) -> None:
     device = common.pick_device(args.device)
     common.setup_torch(device)
+    common.set_sdpa_backend(args.sdpa_backend)
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 16)
@@ -291,6 +292,10 @@ def main(argv: list[str] | None = None) -> None:
         "--fused-groupnorm", action="store_true", help="ours: GroupNorm+SiLU as Triton kernels (CUDA)"
     )
     p.add_argument("--fp8", action="store_true", help="ours: attention/feed-forward linears in FP8 (e4m3)")
+    p.add_argument(
+        "--sdpa-backend", default="auto", choices=common.SDPA_BACKENDS,
+        help="attention kernels for every side (torch.backends.cuda.enable_*_sdp); auto: torch's choice",
+    )  # fmt: skip
     args = p.parse_args(argv)
     args.impl = [s.strip() for s in args.impl.split(",")]
     run(args)

@@ -412,9 +412,14 @@ def main(argv: list[str] | None = None) -> None:
         "--fused-groupnorm", action="store_true", help="ours: GroupNorm+SiLU as Triton kernels (CUDA)"
     )
     p.add_argument("--fp8", action="store_true", help="ours: attention/feed-forward linears in FP8 (e4m3)")
+    p.add_argument(
+        "--sdpa-backend", default="auto", choices=common.SDPA_BACKENDS,
+        help="attention kernels for every side (torch.backends.cuda.enable_*_sdp); auto: torch's choice",
+    )  # fmt: skip
     args = p.parse_args(argv)
     device = common.pick_device(args.device)
     common.setup_torch(device)
+    common.set_sdpa_backend(args.sdpa_backend)
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 16)  # one graph per batch per side
@@ -430,6 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     report.note(
         f"recipe: ours {ours_recipe}; diffusers fuse_qkv_projections + {recipe}; fp16 on CUDA, fp32 on CPU"
     )
+    if args.sdpa_backend != "auto":
+        report.note(f"attention: both sides restricted to SDPA's {args.sdpa_backend} kernels")
     budget = common.Budget(args.budget_s)
     table = specs(args.tiny)
     rows: list[dict[str, Any]] = []
