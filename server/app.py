@@ -268,6 +268,7 @@ def create_app(
             devices=devices if pinned else [info.device],
             shed=settings.shed_load,
             png_compress_level=settings.png_compress_level,
+            shed_deadline_fraction=settings.shed_deadline_fraction,
         )
         for i, message in errors.items():
             engine.engine_failed(i, message)

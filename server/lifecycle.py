@@ -58,10 +58,6 @@ SHUTTING_DOWN = "server is shutting down"
 # less than the hand-over to a pool thread); larger ones go to the thread pool so the loop stays responsive.
 INLINE_PNG_MAX_BYTES = 64 * 1024
 RETRY_AFTER_MAX_S = 60
-# Shed a request whose estimated finish is past this fraction of its deadline: the estimate is a mean, and
-# a request admitted right at its deadline misses it about half the time (measured on an H200 at 1.5x
-# overload: at a margin of 1.0, 5% of the admitted requests still timed out).
-SHED_MARGIN = 0.8
 
 
 class QueueFull(Exception):
@@ -251,12 +247,18 @@ class RequestManager:
         devices: Sequence[str] | None = None,
         shed: bool = True,
         png_compress_level: int = 1,
+        shed_deadline_fraction: float = 0.8,
     ) -> None:
         """``clients``: one per engine core (``devices`` names their devices, for metrics and readiness).
         ``class_names``: per model, for the PNG parameters of class-conditional images. ``max_rows``: an
         engine's rows per forward pass; given, routing and admission estimate finish times from it, and with
         ``shed`` admission refuses requests that could not meet their deadline (see ``estimated_seconds``).
-        ``png_compress_level``: the zlib level of the PNGs returned (``server.imaging.to_png``)."""
+        ``png_compress_level``: the zlib level of the PNGs returned (``server.imaging.to_png``).
+        ``shed_deadline_fraction``: shed a request whose estimated finish is past this fraction of its
+        deadline (the estimate is a mean: admitted right at its deadline, a request misses it about half
+        the time)."""
+        if not 0 < shed_deadline_fraction <= 1:
+            raise ValueError(f"shed_deadline_fraction {shed_deadline_fraction} is not in (0, 1]")
         if not isinstance(clients, Sequence):
             clients = [clients]
         if not clients:
@@ -268,6 +270,7 @@ class RequestManager:
         self.max_rows = max_rows
         self.shed = shed
         self.png_compress_level = png_compress_level
+        self.shed_deadline_fraction = shed_deadline_fraction
         self.class_names = dict(class_names or {})
         self.metrics = metrics
         self.max_queue_size = max_queue_size
@@ -403,7 +406,8 @@ class RequestManager:
             raise QueueFull(f"{waiting} requests are waiting (max_queue_size={limit})")
         engine, estimate = self._route(request, serving)
         waited = now - arrived  # before admission: the event loop was busy
-        late = waited >= timeout or (estimate is not None and waited + estimate > SHED_MARGIN * timeout)
+        budget = self.shed_deadline_fraction * timeout
+        late = waited >= timeout or (estimate is not None and waited + estimate > budget)
         if self.shed and late:
             self.metrics.shed_requests_total.inc()
             total = waited + (estimate or 0.0)

@@ -99,3 +99,30 @@ def test_a_request_leaving_mid_run_takes_its_remaining_work_with_it() -> None:
         assert manager.estimated_seconds(req()) == pytest.approx(50 / 40, abs=0.01)  # its other 5 steps left
 
     asyncio.run(body())
+
+
+def test_the_deadline_fraction_setting_moves_the_shedding_point() -> None:
+    async def body() -> None:
+        outcomes = {}
+        for fraction in (0.5, 0.8, 1.0):
+            manager = RequestManager(
+                FakeClient(), Metrics(), max_queue_size=100, max_rows=4, shed_deadline_fraction=fraction
+            )  # type: ignore[arg-type]
+            manager.start(asyncio.get_running_loop())
+            manager.on_outputs(steps(1, 4))  # 40 row-steps/s
+            manager.submit(req(), "generate", timeout=2.1)  # 20 row-steps: alone 0.5 s
+            admitted = 1
+            try:  # the next ones' estimates: 1.0, 1.5, 2.0, 2.5 s, against a 2.1 s deadline
+                for _ in range(4):
+                    manager.submit(req(), "generate", timeout=2.1)
+                    admitted += 1
+            except Overloaded:
+                pass
+            outcomes[fraction] = admitted
+        # Admitted while the estimate is within fraction x 2.1 s: 1.05 s -> 0.5 and 1.0 s; 1.68 s -> up to
+        # 1.5 s; 2.1 s -> up to 2.0 s.
+        assert outcomes == {0.5: 2, 0.8: 3, 1.0: 4}
+
+    asyncio.run(body())
+    with pytest.raises(ValueError, match="shed_deadline_fraction"):
+        RequestManager(FakeClient(), Metrics(), max_queue_size=1, shed_deadline_fraction=0.0)  # type: ignore[arg-type]
