@@ -122,13 +122,26 @@ class _CountRequests:
     """Pure ASGI middleware: requests_total and request_duration_seconds for the generation endpoints, and
     the front end's own load shedding: while the event loop runs more than ``shed_lag`` seconds behind, tick
     after tick (``LoopLag.sustained``), and at least FRONT_SHED_MIN_IN_FLIGHT generation requests are in
-    flight, a new generation request gets 503 + Retry-After before its body is read."""
+    flight, a new generation request gets 503 + Retry-After before its body is read; likewise while the
+    work already admitted would by itself carry any new request past its deadline (``door``: admission's
+    verdict taken before the body is read, parsed and validated, which costs the loop more than the
+    answer)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, lag: LoopLag | None = None, shed_lag: float = 0.0):
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        lag: LoopLag | None = None,
+        shed_lag: float = 0.0,
+        door: Callable[[str], tuple[float, float] | None] | None = None,
+    ):
         self.app = app
         self.metrics = metrics
         self.lag = lag
         self.shed_lag = shed_lag  # seconds; 0: never
+        # endpoint -> (seconds of work already owed, the endpoint's deadline) when even the smallest request
+        # would finish past its deadline (RequestManager.door_verdict): shed before reading the body
+        self.door = door
         self.in_flight = 0  # generation requests this middleware is handling now
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -145,7 +158,19 @@ class _CountRequests:
             and self.in_flight >= FRONT_SHED_MIN_IN_FLIGHT
             and (lag := self.lag.sustained()) > self.shed_lag
         ):
-            await self._shed(scope, endpoint, lag, send)
+            self.metrics.front_shed_requests_total.inc()
+            message = f"the server is overloaded (its event loop is {lag:.2f} s behind); retry later"
+            await self._shed(scope, endpoint, message, lag, send)
+            took = time.monotonic() - start
+            self.metrics.request_duration_seconds.labels("unknown", endpoint).observe(took)
+            return
+        if self.door is not None and (verdict := self.door(endpoint)) is not None:
+            owed, timeout = verdict
+            message = (
+                f"the server is overloaded: the work already queued takes about {owed:.1f} s, past this "
+                f"request's {timeout:g} s deadline; retry later"
+            )
+            await self._shed(scope, endpoint, message, owed - timeout, send)
             took = time.monotonic() - start
             self.metrics.request_duration_seconds.labels("unknown", endpoint).observe(took)
             return
@@ -170,12 +195,11 @@ class _CountRequests:
             self.metrics.requests_total.labels(model, endpoint, str(code)).inc()
             self.metrics.request_duration_seconds.labels(model, endpoint).observe(time.monotonic() - start)
 
-    async def _shed(self, scope: Scope, endpoint: str, lag: float, send: Send) -> None:
-        """503 without reading the body: the cheapest answer a saturated loop can give."""
-        self.metrics.front_shed_requests_total.inc()
+    async def _shed(self, scope: Scope, endpoint: str, message: str, wait: float, send: Send) -> None:
+        """503 without reading the body: the cheapest answer a saturated server can give; Retry-After from
+        ``wait`` (seconds), 1-30."""
         self.metrics.requests_total.labels("unknown", endpoint, "503").inc()
-        message = f"the server is overloaded (its event loop is {lag:.2f} s behind); retry later"
-        retry = str(max(1, min(30, math.ceil(lag))))
+        retry = str(max(1, min(30, math.ceil(wait))))
         response = JSONResponse({"detail": message, "message": message}, 503, headers={"Retry-After": retry})
         await response(scope, _no_body, send)
 
@@ -330,7 +354,17 @@ def create_app(
     # a request that meets a loop this far behind has lost a fifth of its deadline before admission sees it
     shed_lag = min(settings.shed_loop_lag_seconds, 0.2 * settings.request_timeout_seconds)
     shed_lag = shed_lag if settings.shed_load else 0.0
-    app.add_middleware(_CountRequests, metrics=metrics, lag=lag, shed_lag=shed_lag)
+
+    def door(endpoint: str) -> tuple[float, float] | None:
+        """Shed unread when the work already owed alone would make any request of ``endpoint`` late."""
+        manager = state.engine
+        if manager is None:
+            return None
+        timeout = settings.job_timeout_seconds if endpoint == "jobs" else settings.request_timeout_seconds
+        owed = manager.door_verdict(timeout)
+        return None if owed is None else (owed, timeout)
+
+    app.add_middleware(_CountRequests, metrics=metrics, lag=lag, shed_lag=shed_lag, door=door)
 
     # Error bodies keep FastAPI's ``detail`` and add a top-level ``message`` (what OpenAI's client shows).
     @app.exception_handler(RequestValidationError)

@@ -470,6 +470,26 @@ class RequestManager:
             ahead += other.engine is task.engine
         return ahead
 
+    def door_seconds(self) -> float | None:
+        """A lower bound on any new request's finish time: the least work already owed on a serving engine
+        at that engine's measured full-batch pace (a request's own steps only add to it). None while no
+        engine serves or one serving has not been measured busy (no shedding on a guess). The front end
+        uses it to shed before reading a body, when even the smallest request could not make its deadline.
+        """
+        serving = [e for e in self.engines if e.client.serving]
+        if not serving or self.max_rows is None or any(e.period_ewma is None for e in serving):
+            return None
+        return min(e.work * e.period_ewma / self.max_rows for e in serving)  # type: ignore[operator]
+
+    def door_verdict(self, timeout: float) -> float | None:
+        """With shedding on: the lower bound (seconds) when it is already past ``shed_deadline_fraction`` of
+        ``timeout`` (the request is to be shed unread), else None. Counts the shed."""
+        bound = self.door_seconds() if self.shed else None
+        if bound is None or bound <= self.shed_deadline_fraction * timeout:
+            return None
+        self.metrics.shed_requests_total.inc()
+        return bound
+
     def estimated_seconds(self, request: ResolvedRequest) -> float | None:
         """Seconds until ``request`` would finish if admitted now (on the engine it would be routed to), or
         None before that engine has been measured busy (no shedding on a guess)."""

@@ -1,5 +1,6 @@
 """The front end sheds on its own lag: while the event loop runs behind (a saturated front end), a new
-generation request gets 503 + Retry-After before its body is read (issue 15, item 4)."""
+generation request gets 503 + Retry-After before its body is read (issue 15, item 4). It also sheds unread
+when the work already admitted would by itself carry any new request past its deadline (the door)."""
 
 from __future__ import annotations
 
@@ -142,3 +143,45 @@ def test_the_threshold_follows_the_settings() -> None:
     assert shed_lag(request_timeout_seconds=1.0) == 0.2  # a fifth of a short deadline
     assert shed_lag(shed_loop_lag_seconds=0) == 0  # off
     assert shed_lag(shed_load=False) == 0  # off with admission shedding
+
+
+def test_the_door_sheds_unread_when_the_queued_work_alone_is_past_the_deadline() -> None:
+    async def body() -> None:
+        verdicts: dict[str, tuple[float, float] | None] = {"generate": None, "jobs": None}
+        metrics, inner = Metrics(), Inner()
+        app = _CountRequests(inner, metrics, door=verdicts.get)  # type: ignore[arg-type]
+        assert (await post(app))[0] == 200 and inner.calls == 1  # no verdict: through to the app
+        verdicts["generate"] = (7.4, 2.0)  # 7.4 s of work owed, a 2 s deadline
+        status, headers, answer, reads = await post(app, body=b"not even JSON")
+        assert status == 503 and reads == 0 and inner.calls == 1  # unread: not a 422, the app never ran
+        assert headers["retry-after"] == "6"  # ceil(7.4 - 2)
+        assert "7.4 s" in answer["message"] and "2 s deadline" in answer["message"]
+        assert (await post(app, "/v1/jobs"))[0] == 200  # the verdict is per endpoint (jobs: own deadline)
+        assert (await post(app, "/health/ready"))[0] == 200
+        r = metrics.registry
+        labels = {"model": "unknown", "endpoint": "generate", "status": "503"}
+        assert r.get_sample_value("unet_server_requests_total", labels) == 1
+        assert r.get_sample_value("unet_server_front_shed_requests_total") == 0  # the loop was not behind
+
+    asyncio.run(body())
+
+
+def test_the_door_of_a_live_server_follows_admission(live) -> None:  # noqa: ANN001 — the conftest fixture
+    manager = live.app.state.server.engine
+    (engine,) = manager.engines
+    saved = engine.period_ewma, engine.work
+    try:
+        with live.client() as c:
+            bad = {"model": "tiny-class", "class_label": 0, "num_inference_steps": "many"}
+            assert c.post("/generate", json=bad).status_code == 422  # unmeasured engine: no verdict
+            timeout = live.app.state.server.settings.request_timeout_seconds
+            engine.period_ewma = 0.5  # 0.5 s per full step, and twice the deadline's worth of full steps owed
+            engine.work = 4 * timeout * manager.max_rows
+            before = manager.metrics.registry.get_sample_value("unet_server_shed_requests_total")
+            r = c.post("/generate", json=bad)
+            assert r.status_code == 503 and f"{2 * timeout:.1f} s" in r.json()["message"], r.text
+            assert manager.metrics.registry.get_sample_value("unet_server_shed_requests_total") == before + 1
+            engine.work = 0.0  # nothing owed: through to validation again
+            assert c.post("/generate", json=bad).status_code == 422
+    finally:
+        engine.period_ewma, engine.work = saved

@@ -126,3 +126,25 @@ def test_the_deadline_fraction_setting_moves_the_shedding_point() -> None:
     asyncio.run(body())
     with pytest.raises(ValueError, match="shed_deadline_fraction"):
         RequestManager(FakeClient(), Metrics(), max_queue_size=1, shed_deadline_fraction=0.0)  # type: ignore[arg-type]
+
+
+def test_door_bound_is_the_least_work_owed_and_counts_its_sheds() -> None:
+    async def body() -> None:
+        metrics = Metrics()
+        manager = RequestManager(FakeClient(), metrics, max_queue_size=100, max_rows=4)  # type: ignore[arg-type]
+        manager.start(asyncio.get_running_loop())
+        assert manager.door_seconds() is None and manager.door_verdict(0.001) is None  # unmeasured
+        manager.on_outputs(steps(1, 4))  # 40 row-steps/s
+        assert manager.door_seconds() == 0.0
+        for _ in range(3):
+            manager.submit(req(), "generate", timeout=10.0)  # 20 row-steps each
+        assert manager.door_seconds() == pytest.approx(1.5)  # 60 row-steps at 40/s
+        # Every request's own estimate is above the bound (the bound never sheds what admission would take).
+        assert manager.estimated_seconds(req(steps=1)) > manager.door_seconds()
+        assert manager.door_verdict(1.875) is None  # 1.5 <= 0.8 x 1.875: not past the fraction
+        assert manager.door_verdict(1.8) == pytest.approx(1.5)  # 1.5 > 1.44
+        assert metrics.registry.get_sample_value("unet_server_shed_requests_total") == 1
+        manager.shed = False
+        assert manager.door_verdict(1.0) is None  # shedding off: never
+
+    asyncio.run(body())
