@@ -173,7 +173,7 @@ def test_the_door_of_a_live_server_follows_admission(live) -> None:  # noqa: ANN
     try:
         with live.client() as c:
             bad = {"model": "tiny-class", "class_label": 0, "num_inference_steps": "many"}
-            assert c.post("/generate", json=bad).status_code == 422  # unmeasured engine: no verdict
+            assert c.post("/generate", json=bad).status_code == 422  # nothing owed or unmeasured: no verdict
             timeout = live.app.state.server.settings.request_timeout_seconds
             engine.period_ewma = 0.5  # 0.5 s per full step, and twice the deadline's worth of full steps owed
             engine.work = 4 * timeout * manager.max_rows
