@@ -133,14 +133,14 @@ class _CountRequests:
         metrics: Metrics,
         lag: LoopLag | None = None,
         shed_lag: float = 0.0,
-        door: Callable[[str], tuple[float, float] | None] | None = None,
+        door: Callable[[str], tuple[int, str, int] | None] | None = None,
     ):
         self.app = app
         self.metrics = metrics
         self.lag = lag
         self.shed_lag = shed_lag  # seconds; 0: never
-        # endpoint -> (seconds of work already owed, the endpoint's deadline) when even the smallest request
-        # would finish past its deadline (RequestManager.door_verdict): shed before reading the body
+        # endpoint -> (status, message, retry-after s) when admission would refuse any request of it
+        # (RequestManager.door_verdict: a full queue, or work owed past the deadline): refused unread
         self.door = door
         self.in_flight = 0  # generation requests this middleware is handling now
 
@@ -160,17 +160,12 @@ class _CountRequests:
         ):
             self.metrics.front_shed_requests_total.inc()
             message = f"the server is overloaded (its event loop is {lag:.2f} s behind); retry later"
-            await self._shed(scope, endpoint, message, lag, send)
+            await self._shed(scope, endpoint, 503, message, math.ceil(lag), send)
             took = time.monotonic() - start
             self.metrics.request_duration_seconds.labels("unknown", endpoint).observe(took)
             return
         if self.door is not None and (verdict := self.door(endpoint)) is not None:
-            owed, timeout = verdict
-            message = (
-                f"the server is overloaded: the work already queued takes about {owed:.1f} s, past this "
-                f"request's {timeout:g} s deadline; retry later"
-            )
-            await self._shed(scope, endpoint, message, owed - timeout, send)
+            await self._shed(scope, endpoint, *verdict, send)
             took = time.monotonic() - start
             self.metrics.request_duration_seconds.labels("unknown", endpoint).observe(took)
             return
@@ -195,12 +190,15 @@ class _CountRequests:
             self.metrics.requests_total.labels(model, endpoint, str(code)).inc()
             self.metrics.request_duration_seconds.labels(model, endpoint).observe(time.monotonic() - start)
 
-    async def _shed(self, scope: Scope, endpoint: str, message: str, wait: float, send: Send) -> None:
-        """503 without reading the body: the cheapest answer a saturated server can give; Retry-After from
-        ``wait`` (seconds), 1-30."""
-        self.metrics.requests_total.labels("unknown", endpoint, "503").inc()
-        retry = str(max(1, min(30, math.ceil(wait))))
-        response = JSONResponse({"detail": message, "message": message}, 503, headers={"Retry-After": retry})
+    async def _shed(
+        self, scope: Scope, endpoint: str, status: int, message: str, retry_after: int, send: Send
+    ) -> None:
+        """``status`` (429 / 503) without reading the body: the cheapest answer a saturated server can
+        give; Retry-After ``retry_after`` seconds, clamped to 1-60."""
+        self.metrics.requests_total.labels("unknown", endpoint, str(status)).inc()
+        retry = str(max(1, min(60, retry_after)))
+        headers = {"Retry-After": retry}
+        response = JSONResponse({"detail": message, "message": message}, status, headers=headers)
         await response(scope, _no_body, send)
 
 
@@ -355,14 +353,13 @@ def create_app(
     shed_lag = min(settings.shed_loop_lag_seconds, 0.2 * settings.request_timeout_seconds)
     shed_lag = shed_lag if settings.shed_load else 0.0
 
-    def door(endpoint: str) -> tuple[float, float] | None:
-        """Shed unread when the work already owed alone would make any request of ``endpoint`` late."""
+    def door(endpoint: str) -> tuple[int, str, int] | None:
+        """Admission's verdict on any request of ``endpoint``, before its body is read (None: let it in)."""
         manager = state.engine
         if manager is None:
             return None
         timeout = settings.job_timeout_seconds if endpoint == "jobs" else settings.request_timeout_seconds
-        owed = manager.door_verdict(timeout)
-        return None if owed is None else (owed, timeout)
+        return manager.door_verdict(timeout)
 
     app.add_middleware(_CountRequests, metrics=metrics, lag=lag, shed_lag=shed_lag, door=door)
 

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 TERMINAL = ("completed", "failed", "cancelled")
 SHUTTING_DOWN = "server is shutting down"
+QUEUE_FULL = "the request queue is full; retry later"
 # Results up to this many pixel bytes are PNG-encoded on the event loop (a 32x32 image takes tens of µs,
 # less than the hand-over to a pool thread); larger ones go to the thread pool so the loop stays responsive.
 INLINE_PNG_MAX_BYTES = 64 * 1024
@@ -481,14 +482,25 @@ class RequestManager:
             return None
         return min(e.work * e.period_ewma / self.max_rows for e in serving)  # type: ignore[operator]
 
-    def door_verdict(self, timeout: float) -> float | None:
-        """With shedding on: the lower bound (seconds) when it is already past ``shed_deadline_fraction`` of
-        ``timeout`` (the request is to be shed unread), else None. Counts the shed."""
+    def door_verdict(self, timeout: float) -> tuple[int, str, int] | None:
+        """Admission's refusals that do not depend on the request, decided before its body is read, in
+        ``submit``'s order: (429, message, retry-after s) while the queue is full; with shedding on, (503,
+        message, retry-after s) while the work already owed alone (``door_seconds``) is past
+        ``shed_deadline_fraction`` of ``timeout`` (counted as a shed). None: let the request in (a stopped
+        or restarting engine is the route's to answer)."""
+        if self._stopping or not self._accepting or not any(e.client.serving for e in self.engines):
+            return None
+        if len(self._queued) >= self.max_queue_size:
+            return 429, QUEUE_FULL, self.retry_after()
         bound = self.door_seconds() if self.shed else None
         if bound is None or bound <= self.shed_deadline_fraction * timeout:
             return None
         self.metrics.shed_requests_total.inc()
-        return bound
+        message = (
+            f"the server is overloaded: the work already queued takes about {bound:.1f} s, past this "
+            f"request's {timeout:g} s deadline; retry later"
+        )
+        return 503, message, max(1, min(RETRY_AFTER_MAX_S, int(bound - timeout) + 1))
 
     def estimated_seconds(self, request: ResolvedRequest) -> float | None:
         """Seconds until ``request`` would finish if admitted now (on the engine it would be routed to), or

@@ -24,7 +24,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from server.catalog import UnavailableModel
-from server.lifecycle import EngineStopped, Overloaded, QueueFull, RequestManager, Task
+from server.lifecycle import QUEUE_FULL, EngineStopped, Overloaded, QueueFull, RequestManager, Task
 from server.metrics import CONTENT_TYPE
 from server.schemas import (
     GenerateRequest,
@@ -247,9 +247,7 @@ async def _submit(
             resolved, endpoint, timeout, is_job=is_job, preview_every=preview_every, arrived=arrived
         )
     except QueueFull:
-        raise HTTPException(
-            429, "the request queue is full; retry later", headers={"Retry-After": str(engine.retry_after())}
-        ) from None
+        raise HTTPException(429, QUEUE_FULL, headers={"Retry-After": str(engine.retry_after())}) from None
     except Overloaded as exc:
         request.state.status = 503
         raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None

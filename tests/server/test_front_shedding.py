@@ -145,22 +145,26 @@ def test_the_threshold_follows_the_settings() -> None:
     assert shed_lag(shed_load=False) == 0  # off with admission shedding
 
 
-def test_the_door_sheds_unread_when_the_queued_work_alone_is_past_the_deadline() -> None:
+def test_the_door_refuses_unread_with_admissions_verdict() -> None:
     async def body() -> None:
-        verdicts: dict[str, tuple[float, float] | None] = {"generate": None, "jobs": None}
+        verdicts: dict[str, tuple[int, str, int] | None] = {"generate": None, "jobs": None}
         metrics, inner = Metrics(), Inner()
         app = _CountRequests(inner, metrics, door=verdicts.get)  # type: ignore[arg-type]
         assert (await post(app))[0] == 200 and inner.calls == 1  # no verdict: through to the app
-        verdicts["generate"] = (7.4, 2.0)  # 7.4 s of work owed, a 2 s deadline
+        verdicts["generate"] = (503, "the work already queued takes about 7.4 s", 6)
         status, headers, answer, reads = await post(app, body=b"not even JSON")
         assert status == 503 and reads == 0 and inner.calls == 1  # unread: not a 422, the app never ran
-        assert headers["retry-after"] == "6"  # ceil(7.4 - 2)
-        assert "7.4 s" in answer["message"] and "2 s deadline" in answer["message"]
+        assert headers["retry-after"] == "6"
+        assert answer["message"] == answer["detail"] == "the work already queued takes about 7.4 s"
         assert (await post(app, "/v1/jobs"))[0] == 200  # the verdict is per endpoint (jobs: own deadline)
+        verdicts["jobs"] = (429, "the request queue is full; retry later", 500)
+        status, headers, _, reads = await post(app, "/v1/jobs")
+        assert status == 429 and reads == 0 and headers["retry-after"] == "60"  # clamped to a minute
         assert (await post(app, "/health/ready"))[0] == 200
         r = metrics.registry
-        labels = {"model": "unknown", "endpoint": "generate", "status": "503"}
-        assert r.get_sample_value("unet_server_requests_total", labels) == 1
+        for endpoint, code in (("generate", "503"), ("jobs", "429")):
+            labels = {"model": "unknown", "endpoint": endpoint, "status": code}
+            assert r.get_sample_value("unet_server_requests_total", labels) == 1
         assert r.get_sample_value("unet_server_front_shed_requests_total") == 0  # the loop was not behind
 
     asyncio.run(body())

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from server.lifecycle import Overloaded, RequestManager
+from server.lifecycle import Overloaded, QueueFull, RequestManager
 from server.messages import EngineOutputs, StepStats, ToCore
 from server.metrics import Metrics
 from server.request import ResolvedRequest
@@ -142,9 +142,33 @@ def test_door_bound_is_the_least_work_owed_and_counts_its_sheds() -> None:
         # Every request's own estimate is above the bound (the bound never sheds what admission would take).
         assert manager.estimated_seconds(req(steps=1)) > manager.door_seconds()
         assert manager.door_verdict(1.875) is None  # 1.5 <= 0.8 x 1.875: not past the fraction
-        assert manager.door_verdict(1.8) == pytest.approx(1.5)  # 1.5 > 1.44
+        status, message, retry = manager.door_verdict(1.2)  # 1.5 > 0.96
+        assert status == 503 and "1.5 s" in message and "1.2 s deadline" in message and retry == 1
         assert metrics.registry.get_sample_value("unet_server_shed_requests_total") == 1
         manager.shed = False
         assert manager.door_verdict(1.0) is None  # shedding off: never
+
+    asyncio.run(body())
+
+
+def test_door_answers_a_full_queue_first_as_submit_does() -> None:
+    async def body() -> None:
+        manager = RequestManager(FakeClient(), Metrics(), max_queue_size=2, max_rows=4)  # type: ignore[arg-type]
+        manager.start(asyncio.get_running_loop())
+        manager.on_outputs(steps(1, 4))
+        for _ in range(2):
+            manager.submit(req(), "generate", timeout=100.0)
+        # Full: 429 before the deadline test (the same order as submit: QueueFull, then Overloaded).
+        status, message, retry = manager.door_verdict(0.01)
+        assert status == 429 and "queue is full" in message and retry >= 1
+        with pytest.raises(QueueFull):
+            manager.submit(req(), "generate", timeout=0.01)
+        manager.shed = False
+        assert manager.door_verdict(100.0)[0] == 429  # the queue bound holds with shedding off too
+        FakeClient.serving = False
+        try:
+            assert manager.door_verdict(100.0) is None  # no engine serving: the route says why
+        finally:
+            FakeClient.serving = True
 
     asyncio.run(body())
