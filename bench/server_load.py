@@ -51,7 +51,9 @@ METRICS = {
 COUNTERS = {  # 503s by where they were decided (issue 15, item 4)
     "shed_admission": "unet_server_shed_requests_total",  # admission: would miss its deadline
     "shed_front": "unet_server_front_shed_requests_total",  # the event loop ran behind
+    "loop_stalls": "unet_server_event_loop_stalls_total",  # blocked > loop_stall_log_seconds (logged)
 }
+LOOP_DELAY = "unet_server_event_loop_delay_seconds"  # per 10 ms timer: how late it fired
 
 
 # --- the model folder the server loads -------------------------------------------------------------
@@ -144,6 +146,14 @@ class ServerProcess:
         self.log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds used so far by (the server process, its children: the engine process): Linux
+        /proc; (nan, nan) elsewhere."""
+        try:
+            return _proc_cpu(self.proc.pid), sum(_proc_cpu(c) for c in _children(self.proc.pid))
+        except OSError:
+            return float("nan"), float("nan")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -153,6 +163,21 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def _proc_cpu(pid: int) -> float:
+    """utime + stime of a live process, in seconds (/proc/PID/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # the name (field 2) may contain spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
 
 
 def _json_status(r) -> str | None:
@@ -175,6 +200,8 @@ async def scrape(client, url: str) -> dict[str, float]:
     for key, name in COUNTERS.items():
         m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)
         out[key] = float(m.group(1)) if m else float("nan")
+    buckets = re.findall(rf'^{LOOP_DELAY}_bucket{{le="([^"]+)"}} ([0-9.eE+-]+)$', text, re.M)
+    out["loop_buckets"] = {float(le): float(count) for le, count in buckets}  # type: ignore[assignment]
     return out
 
 
@@ -183,8 +210,18 @@ def metric_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str
         n = after[f"{key}_count"] - before[f"{key}_count"]
         return (after[f"{key}_sum"] - before[f"{key}_sum"]) / n if n > 0 else float("nan")
 
+    # the loop-delay histogram's new timers over the point: the least bucket bound that holds all of them
+    # (the worst delay, to a bucket), and the share of them later than 0.1 s
+    old = before.get("loop_buckets", {})
+    new = {b: n - old.get(b, 0.0) for b, n in after.get("loop_buckets", {}).items()}
+    total = new.get(float("inf"), 0.0)
+    worst = min((b for b, n in new.items() if n >= total), default=float("nan")) if total else float("nan")
+    late = 100.0 * (1.0 - new.get(0.1, 0.0) / total) if total else float("nan")
+
     n_fwd = after["rows_count"] - before["rows_count"]
     return {
+        "loop_delay_max_s": worst,
+        "loop_late_pct": late,
         "forwards": n_fwd,
         "rows_per_fwd": mean("rows"),
         "padded_per_fwd": mean("padded"),
@@ -206,22 +243,45 @@ class Recorder:
         self.errors: dict[str, int] = {}
         self.first_send = None
         self.client_cpu: list[float] = []  # CPU seconds per second of load, per client process
+        self.client_lag: list[float] = []  # per open-loop generator process: its loop's worst timer delay
         self.last_done = None
+        # Where the time outside the app goes, per 200 (httpx trace events): ``send_waits``, from the
+        # request's creation to its headers going out (a free pooled connection, a new one's handshake, the
+        # generator's own loop); ``beyond_app``, from its body sent to the response's headers received,
+        # less the server's own clock (the server's sockets and HTTP layer before/after the app).
+        self.send_waits: list[float] = []
+        self.beyond_app: list[float] = []
+        self.connects: list[float] = []  # seconds per new TCP connection (any request, any status)
 
     async def one(self, client, url: str, body: dict) -> None:
         t0 = time.monotonic()  # one clock for every client process (CLOCK_MONOTONIC is system-wide)
         self.first_send = t0 if self.first_send is None else min(self.first_send, t0)
+        marks: dict[str, float] = {}
+
+        async def trace(event: str, info: dict) -> None:
+            marks.setdefault(event, time.monotonic())
+
         try:
-            r = await client.post(url + "/generate", json=body, headers={"accept": "image/png"})
+            r = await client.post(
+                url + "/generate", json=body, headers={"accept": "image/png"}, extensions={"trace": trace}
+            )
             ok = r.status_code == 200 and r.content[:4] == b"\x89PNG"
             key = None if ok else str(r.status_code)
             server_total = float(r.headers.get("x-total-seconds", "nan"))
         except Exception as e:  # noqa: BLE001
             key = type(e).__name__
         t1 = time.monotonic()
+        nan = float("nan")
+        if "connection.connect_tcp.complete" in marks:
+            connected = marks["connection.connect_tcp.complete"]
+            self.connects.append(connected - marks["connection.connect_tcp.started"])
         if key is None:
             self.latencies.append(t1 - t0)
             self.server_totals.append(server_total)
+            self.send_waits.append(marks.get("http11.send_request_headers.started", nan) - t0)
+            sent = marks.get("http11.send_request_body.complete", nan)
+            answered = marks.get("http11.receive_response_headers.complete", nan)
+            self.beyond_app.append(answered - sent - server_total)
             self.last_done = t1 if self.last_done is None else max(self.last_done, t1)
         else:
             self.errors[key] = self.errors.get(key, 0) + 1
@@ -239,7 +299,12 @@ class Recorder:
             "ok_past_deadline": sum(x > deadline_s for x in lat) if deadline_s else None,
             "ok_past_deadline_server": sum(x > deadline_s for x in server) if deadline_s else None,
             "outside_ms": 1e3 * statistics.fmean(outside) if outside else float("nan"),
+            "send_wait_ms": _mean_ms(self.send_waits),
+            "beyond_app_ms": _mean_ms(self.beyond_app),
+            "connects": len(self.connects),
+            "connect_max_ms": 1e3 * max(self.connects) if self.connects else float("nan"),
             "client_cpu_pct": 100.0 * max(self.client_cpu) if self.client_cpu else None,
+            "client_lag_max_ms": 1e3 * max(self.client_lag) if self.client_lag else None,
             "ok": n,
             "errors": ",".join(f"{k}:{v}" for k, v in self.errors.items()) or None,
             "img_s": n * images_per_request / span if n else 0.0,
@@ -247,6 +312,11 @@ class Recorder:
             "p99_ms": 1e3 * lat[min(n - 1, int(0.99 * n))] if n else float("nan"),
             "mean_ms": 1e3 * statistics.fmean(lat) if n else float("nan"),
         }
+
+
+def _mean_ms(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return 1e3 * statistics.fmean(xs) if xs else float("nan")
 
 
 class Bodies:
@@ -297,9 +367,20 @@ class Clients:
         import httpx
 
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        client = httpx.AsyncClient(limits=limits, timeout=self.timeout)
+        # verify=False: plain HTTP to loopback needs no TLS context, and building one loads the CA bundle:
+        # ~46 ms per client on the CI machine, so 64 pools made lazily inside a point stalled each
+        # generator's loop ~2.3 s (H200 host) and then let its piled-up arrivals out in one burst
+        client = httpx.AsyncClient(limits=limits, timeout=self.timeout, verify=False)
         self._all.append(client)
         return client
+
+    def prepare(self, workers: int = 0) -> None:
+        """Make the clients a point will use before it starts (open loop: the shared pools; closed loop:
+        ``workers`` clients of one connection), so that none is made while requests are being timed."""
+        if workers:
+            self.for_worker(workers - 1)
+        elif not self._shared:
+            self._shared = [self._new(self.per_pool) for _ in range(self.pools)]
 
     def for_worker(self, i: int):
         while i >= len(self._workers):
@@ -307,8 +388,7 @@ class Clients:
         return self._workers[i]
 
     def round_robin(self):
-        if not self._shared:
-            self._shared = [self._new(self.per_pool) for _ in range(self.pools)]
+        self.prepare()
         self._next = (self._next + 1) % len(self._shared)
         return self._shared[self._next]
 
@@ -356,6 +436,7 @@ def _closed_proc(
 
     async def run() -> dict[str, Any]:
         clients = Clients(timeout)
+        clients.prepare(workers)
         bodies = Bodies(argparse.Namespace(steps=steps, guidance=guidance, text=text), model)
         bodies.i = first
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
@@ -364,6 +445,9 @@ def _closed_proc(
         return {
             "latencies": rec.latencies,
             "server_totals": rec.server_totals,
+            "send_waits": rec.send_waits,
+            "beyond_app": rec.beyond_app,
+            "connects": rec.connects,
             "errors": rec.errors,
             "first": rec.first_send,
             "last": rec.last_done,
@@ -418,6 +502,9 @@ def _merge(parts: list[dict[str, Any]]) -> Recorder:
     for part in parts:
         rec.latencies += part["latencies"]
         rec.server_totals += part["server_totals"]
+        rec.send_waits += part["send_waits"]
+        rec.beyond_app += part["beyond_app"]
+        rec.connects += part["connects"]
         for key, v in part["errors"].items():
             rec.errors[key] = rec.errors.get(key, 0) + v
         if part["first"] is not None:
@@ -425,6 +512,7 @@ def _merge(parts: list[dict[str, Any]]) -> Recorder:
         if part["last"] is not None:
             rec.last_done = part["last"] if rec.last_done is None else max(rec.last_done, part["last"])
         rec.client_cpu += part["cpu"]
+        rec.client_lag += part.get("lag", [])
     return rec
 
 
@@ -443,15 +531,27 @@ def _open_proc(
 
     async def run() -> dict[str, Any]:
         clients = Clients(timeout)
+        clients.prepare()
         bodies = Bodies(argparse.Namespace(steps=steps, guidance=guidance, text=text), model)
         bodies.i = first
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         cpu0 = time.process_time()
+        worst = [0.0]  # this generator's own loop: the latest a 10 ms timer fired (it delays every request)
+
+        async def watch() -> None:
+            while True:
+                due = time.monotonic() + 0.01
+                await asyncio.sleep(0.01)
+                worst[0] = max(worst[0], time.monotonic() - due)
+
+        watcher = asyncio.ensure_future(watch())
         rec = await open_loop(clients, url, bodies, rate, duration, seed)
+        watcher.cancel()
         cpu = (time.process_time() - cpu0) / duration
         await clients.aclose()
         return {"latencies": rec.latencies, "server_totals": rec.server_totals, "errors": rec.errors,
-                "first": rec.first_send, "last": rec.last_done, "cpu": [cpu]}  # fmt: skip
+                "send_waits": rec.send_waits, "beyond_app": rec.beyond_app, "connects": rec.connects,
+                "first": rec.first_send, "last": rec.last_done, "cpu": [cpu], "lag": [worst[0]]}  # fmt: skip
 
     return asyncio.run(run())
 
@@ -471,8 +571,19 @@ async def open_loop_procs(
     a = bodies.args
     futures = [
         loop.run_in_executor(
-            pool, _open_proc, url, a.steps, a.guidance, bodies.model, a.text, bodies.i + 1_000_000 * (k + 1),
-            rate / procs, k, start_at, duration, timeout,
+            pool,
+            _open_proc,
+            url,
+            a.steps,
+            a.guidance,
+            bodies.model,
+            a.text,
+            bodies.i + 1_000_000 * (k + 1),
+            rate / procs,
+            k,
+            start_at,
+            duration,
+            timeout,
         )  # fmt: skip
         for k in range(procs)
     ]
@@ -503,9 +614,15 @@ async def measure_point(
     client, server: ServerProcess, label: str, coro, deadline_s: float | None = None
 ) -> dict[str, Any]:
     before = await scrape(client, server.url)
+    cpu0, t0 = server.cpu_seconds(), time.monotonic()
     rec = await coro
+    cpu1, t1 = server.cpu_seconds(), time.monotonic()
     after = await scrape(client, server.url)
     row = {"point": label, **rec.summary(1, deadline_s), **metric_deltas(before, after)}
+    # CPU per wall second over the point (its 1 s start-up delay for the generator processes included):
+    # a front end near 100% is what keeps requests outside the app
+    row["server_cpu_pct"] = 100.0 * (cpu1[0] - cpu0[0]) / (t1 - t0)
+    row["engine_cpu_pct"] = 100.0 * (cpu1[1] - cpu0[1]) / (t1 - t0)
     print(
         f"    {label:<16} {row['img_s']:8.1f} img/s  p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms"
         f"  rows/fwd {row['rows_per_fwd']:6.1f}  errors {row['errors']}",
@@ -649,6 +766,10 @@ COLUMNS = [
     "ok_past_deadline",
     "ok_past_deadline_server",
     "outside_ms",
+    "send_wait_ms",
+    "beyond_app_ms",
+    "connects",
+    "connect_max_ms",
     "shed_admission",
     "shed_front",
     "rows_per_fwd",
@@ -658,6 +779,12 @@ COLUMNS = [
     "ok",
     "errors",
     "client_cpu_pct",
+    "client_lag_max_ms",
+    "loop_delay_max_s",
+    "loop_late_pct",
+    "loop_stalls",
+    "server_cpu_pct",
+    "engine_cpu_pct",
 ]
 
 

@@ -27,7 +27,7 @@ from server.client import EngineClient, EngineLoadError, InprocClient
 from server.devices import DevicesError, engine_devices, engine_settings
 from server.heap import freeze_startup_heap
 from server.lifecycle import RequestManager
-from server.looplag import LoopLag
+from server.looplag import LoopLag, StallWatch
 from server.metrics import Metrics
 from server.schemas import ValidationContext, echo_input, utf8_text
 from server.settings import Settings
@@ -70,7 +70,10 @@ def apply_load_info(state: ServerState, info: LoadInfo) -> None:
     state.unavailable = dict(info.unavailable)
     state.samplers = info.samplers
     state.ctx = ValidationContext(
-        models=state.models, check_sampler=_check_sampler, settings=state.settings, check_steps=check_steps,
+        models=state.models,
+        check_sampler=_check_sampler,
+        settings=state.settings,
+        check_steps=check_steps,
         unavailable=state.unavailable,
     )
 
@@ -223,8 +226,9 @@ def create_app(
     settings = settings or Settings()
     metrics = Metrics()
     state = ServerState(settings=settings, metrics=metrics)
-    lag = LoopLag()
+    lag = LoopLag(observe=metrics.event_loop_delay_seconds.observe)
     metrics.event_loop_lag_seconds.set_function(lag.current)
+    stall_watch = StallWatch(lag, settings.loop_stall_log_seconds, metrics.event_loop_stalls_total.inc)
 
     def make_client(engine_settings: Settings) -> EngineClient:
         if use_engine_process(settings):
@@ -323,9 +327,11 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.load_task = asyncio.create_task(load_and_start())
         lag.start()
+        stall_watch.start()
         try:
             yield
         finally:
+            stall_watch.stop()
             await lag.stop()
             state.ready = False
             if not state.load_task.done():
@@ -391,8 +397,9 @@ def create_app(
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         error_id = uuid.uuid4().hex[:12]
-        log.error("unhandled error (error_id=%s) on %s %s", error_id, request.method, request.url.path,
-                  exc_info=exc)
+        log.error(
+            "unhandled error (error_id=%s) on %s %s", error_id, request.method, request.url.path, exc_info=exc
+        )
         message = f"internal error (error id {error_id})"
         return JSONResponse({"detail": message, "message": message, "error_id": error_id}, status_code=500)
 

@@ -32,9 +32,10 @@ def to_png(
 ) -> bytes:
     """PNG bytes of one uint8 image, (H, W) or (H, W, C) with C in {1, 3}; ``pnginfo``: text chunks.
 
-    ``compress_level`` 1-9: Pillow (adaptive row filters + zlib at that level). 0: stored, written here
-    without Pillow: no row filters, zlib's stored blocks; a 512² RGB image takes ~1 ms instead of ~30 ms at
-    level 1 (2-core CI machine), at twice the bytes of a typical level-1 image."""
+    Written here, not by Pillow: each row gets the None, Sub or Up filter (``_filter_rows``) and the IDAT
+    is zlib at ``compress_level`` (1-9; 0: stored blocks, no filter). At level 1 that is the size of
+    Pillow's level 1 in ~60% of its time (512² RGB: ~19 ms vs ~33 ms; 32² RGB: ~70 µs vs ~150 µs, on
+    the 2-core CI machine); level 0 takes ~1 ms at 512², at twice the bytes."""
     if image.dtype != np.uint8:
         raise TypeError(f"expected uint8, got {image.dtype}")
     if not 0 <= compress_level <= 9:
@@ -43,34 +44,43 @@ def to_png(
         image = image[:, :, 0]  # (H, W)
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
         raise ValueError(f"expected (H, W), (H, W, 1) or (H, W, 3), got {image.shape}")
+    h, w = image.shape[:2]
+    flat = np.ascontiguousarray(image).reshape(h, -1)
+    rows = np.empty((h, 1 + flat.shape[1]), dtype=np.uint8)
     if compress_level == 0:
-        return _stored_png(np.ascontiguousarray(image), pnginfo)
-    mode = "L" if image.ndim == 2 else "RGB"
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image), mode=mode).save(
-        buf, format="PNG", compress_level=compress_level, pnginfo=pnginfo
-    )
-    return buf.getvalue()
+        rows[:, 0] = 0  # filter None
+        rows[:, 1:] = flat
+    else:
+        _filter_rows(flat, 1 if image.ndim == 2 else 3, rows)
+    color_type = 0 if image.ndim == 2 else 2  # gray, truecolour
+    # pnginfo's chunks as Pillow keeps them, (type, data, after_idat): the bytes it would write itself
+    extra = [(c[0], c[1], bool(c[2]) if len(c) > 2 else False) for c in (pnginfo.chunks if pnginfo else [])]
+    parts = [b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))]
+    parts += [_png_chunk(kind, data) for kind, data, after in extra if not after]
+    parts.append(_png_chunk(b"IDAT", zlib.compress(rows.tobytes(), compress_level)))
+    parts += [_png_chunk(kind, data) for kind, data, after in extra if after]
+    parts.append(_png_chunk(b"IEND", b""))
+    return b"".join(parts)
+
+
+def _filter_rows(flat: np.ndarray, bpp: int, out: np.ndarray) -> None:
+    """PNG row filtering into ``out`` (H, 1 + W*bpp): per row the filter among None (0), Sub (1: byte minus
+    the byte ``bpp`` to its left) and Up (2: minus the byte above; the first row's "above" is zeros) whose
+    bytes, read as signed, have the least sum of magnitudes — the spec's recommended heuristic (libpng's,
+    without Average and Paeth)."""
+    sub = flat.copy()
+    np.subtract(flat[:, bpp:], flat[:, :-bpp], out=sub[:, bpp:])
+    up = flat.copy()
+    np.subtract(flat[1:], flat[:-1], out=up[1:])
+    candidates = np.stack([flat, sub, up])  # (3, H, W*bpp)
+    cost = np.abs(candidates.view(np.int8).astype(np.int16)).sum(axis=2)  # (3, H)
+    best = cost.argmin(axis=0)  # (H,)
+    out[:, 0] = best
+    out[:, 1:] = candidates[best, np.arange(flat.shape[0])]
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
-
-
-def _stored_png(image: np.ndarray, pnginfo: PngImagePlugin.PngInfo | None) -> bytes:
-    """An uncompressed PNG (8-bit gray or RGB, filter type 0 on every row) with ``pnginfo``'s chunks, which
-    Pillow keeps as (type, data, after_idat) — the bytes it would write itself."""
-    h, w = image.shape[:2]
-    color_type = 0 if image.ndim == 2 else 2  # gray, truecolour
-    rows = np.zeros((h, 1 + image[0].size), dtype=np.uint8)  # column 0: filter type 0 (None)
-    rows[:, 1:] = image.reshape(h, -1)
-    extra = [(c[0], c[1], bool(c[2]) if len(c) > 2 else False) for c in (pnginfo.chunks if pnginfo else [])]
-    parts = [b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))]
-    parts += [_png_chunk(kind, data) for kind, data, after in extra if not after]
-    parts.append(_png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 0)))
-    parts += [_png_chunk(kind, data) for kind, data, after in extra if after]
-    parts.append(_png_chunk(b"IEND", b""))
-    return b"".join(parts)
 
 
 def to_pngs(

@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import sys
+import threading
+import traceback
 from collections import deque
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 SUSTAINED_TICKS = 3  # the lag counts as sustained when this many timers in a row were late by that much
 
@@ -24,8 +31,9 @@ class LoopLag:
     and ``sustained()`` the least lateness of the last ``SUSTAINED_TICKS`` timers (the pending one included
     once it is overdue)."""
 
-    def __init__(self, interval: float = 0.01) -> None:
+    def __init__(self, interval: float = 0.01, observe: Callable[[float], None] | None = None) -> None:
         self.interval = interval
+        self.observe = observe  # called with each timer's lateness (a histogram's observe)
         self.samples: deque[float] = deque(maxlen=SUSTAINED_TICKS)  # lateness of the last timers that fired
         self._due: float | None = None  # when the pending timer should fire (loop clock)
         self._task: asyncio.Task[None] | None = None
@@ -51,7 +59,10 @@ class LoopLag:
         while True:
             self._due = loop.time() + self.interval
             await asyncio.sleep(self.interval)
-            self.samples.append(max(0.0, loop.time() - self._due))
+            late = max(0.0, loop.time() - self._due)
+            self.samples.append(late)
+            if self.observe is not None:
+                self.observe(late)
 
     def _overdue(self) -> float | None:
         due, loop = self._due, self._loop
@@ -77,3 +88,49 @@ class LoopLag:
         if overdue > 0:
             recent = [*recent[1:], overdue]
         return min(recent) if len(recent) == SUSTAINED_TICKS else 0.0
+
+
+class StallWatch:
+    """A daemon thread that logs what the event loop's thread is running when the loop is blocked: once the
+    pending ``LoopLag`` timer is more than ``threshold`` seconds overdue, one warning per stall with that
+    thread's stack, and ``on_stall()`` (a counter's inc). A stall is one callback (or one loop turn) holding
+    the loop; it delays every request's arrival and answer by as much, and it is not *sustained* lag, so
+    the front end's lag shedding does not act on it. The stack says what to fix."""
+
+    def __init__(self, lag: LoopLag, threshold: float, on_stall: Callable[[], None] | None = None,
+                 poll: float = 0.05) -> None:  # fmt: skip
+        self.lag, self.threshold, self.on_stall, self.poll = lag, threshold, on_stall, poll
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop_thread: int | None = None
+
+    def start(self) -> None:
+        """Start watching the loop this is called on (idempotent; ``threshold`` <= 0: never)."""
+        if self.threshold <= 0 or (self._thread is not None and self._thread.is_alive()):
+            return
+        self._loop_thread = threading.get_ident()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="loop-stall-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+            self._thread = None
+
+    def _run(self) -> None:
+        in_stall = False
+        while not self._stop.wait(self.poll):
+            overdue = self.lag._overdue()
+            if overdue is None or overdue <= self.threshold:
+                in_stall = False
+                continue
+            if in_stall:
+                continue
+            in_stall = True
+            frame = sys._current_frames().get(self._loop_thread or -1)
+            stack = "".join(traceback.format_stack(frame, limit=12)) if frame is not None else "(unavailable)"
+            if self.on_stall is not None:
+                self.on_stall()
+            log.warning("event loop blocked for %.2f s so far; it is running:\n%s", overdue, stack.rstrip())

@@ -72,7 +72,8 @@ class Metrics:
             registry=r,
         )
         self.engines_serving = Gauge(
-            "unet_server_engines_serving", "Engine cores serving now (loaded, warmed, not restarting).",
+            "unet_server_engines_serving",
+            "Engine cores serving now (loaded, warmed, not restarting).",
             registry=r,
         )
         self.running_requests = Gauge(
@@ -125,6 +126,19 @@ class Metrics:
         self.event_loop_lag_seconds = Gauge(
             "unet_server_event_loop_lag_seconds",
             "How late a 10 ms timer on the server's event loop fires (a new request's wait before the app).",
+            registry=r,
+        )
+        self.event_loop_delay_seconds = Histogram(
+            "unet_server_event_loop_delay_seconds",
+            "Lateness of each 10 ms timer on the server's event loop: its distribution over time (the gauge "
+            "unet_server_event_loop_lag_seconds is the latest).",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.event_loop_stalls_total = Counter(
+            "unet_server_event_loop_stalls_total",
+            "Times the event loop was blocked longer than loop_stall_log_seconds (each logged with the stack "
+            "it was running).",
             registry=r,
         )
         self.prompt_cache_total = Counter(

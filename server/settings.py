@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     # Retry-After before their body is read. Admission cannot see the time a request waits for a saturated
     # front end (socket backlog, ready queue); this bounds it. 0 turns it off. See server/looplag.py.
     shed_loop_lag_seconds: float = Field(0.5, ge=0)
+    # Log a warning with the stack the event loop's thread is running when the loop has been blocked this
+    # long (one line per stall; counted in unet_server_event_loop_stalls_total). 0 turns it off.
+    loop_stall_log_seconds: float = Field(1.0, ge=0)
     # Deadline of a /generate or /v1/images/generations request, from arrival (504 past it).
     request_timeout_seconds: float = Field(120.0, gt=0)
     # Deadline of a /v1/jobs job, from arrival.

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
+import pytest
+
 from server.app import FRONT_SHED_MIN_IN_FLIGHT, _CountRequests, create_app
-from server.looplag import LoopLag
+from server.looplag import LoopLag, StallWatch
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -131,6 +134,44 @@ def test_only_generation_posts_are_shed() -> None:
         await lag.stop()
 
     asyncio.run(body())
+
+
+def test_every_timer_lateness_is_observed_and_a_stall_is_logged_once_with_its_stack(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The loop-delay histogram gets each timer's lateness; a loop blocked past the stall threshold is
+    logged once per stall, naming the function that blocks it, and counted; threshold 0 watches nothing."""
+    seen: list[float] = []
+    stalls: list[int] = []
+
+    def blocking_handler() -> None:  # what the log must name
+        time.sleep(0.35)
+
+    async def body() -> None:
+        lag = LoopLag(interval=0.01, observe=seen.append)
+        watch = StallWatch(lag, threshold=0.15, on_stall=lambda: stalls.append(1), poll=0.02)
+        off = StallWatch(lag, threshold=0.0, on_stall=lambda: stalls.append(100))
+        lag.start()
+        watch.start()
+        off.start()
+        await asyncio.sleep(0.1)
+        assert seen and max(seen) < 0.1 and not stalls  # on time: observed, nothing logged
+        blocking_handler()
+        await asyncio.sleep(0.05)
+        assert stalls == [1]  # one stall, one report, however long it lasts
+        assert max(seen) >= 0.3  # the late timer was observed too
+        await asyncio.sleep(0.1)
+        blocking_handler()  # a second stall, after the loop caught up: reported again
+        await asyncio.sleep(0.05)
+        assert stalls == [1, 1]
+        watch.stop()
+        off.stop()
+        await lag.stop()
+
+    with caplog.at_level(logging.WARNING, logger="server.looplag"):
+        asyncio.run(body())
+    records = [r for r in caplog.records if "event loop blocked" in r.getMessage()]
+    assert len(records) == 2 and all("blocking_handler" in r.getMessage() for r in records)
 
 
 def test_the_threshold_follows_the_settings() -> None:

@@ -77,8 +77,9 @@ def test_control_grayscale_resize_and_range() -> None:
     out = decode_control_image(png_bytes(img), width=32, height=16, max_bytes=10**6, max_pixels=10**6)
     assert out.shape == (16, 32) and out.dtype == np.float32
     assert np.allclose(out, 1.0)
-    black = decode_control_image(png_bytes(Image.new("L", (32, 32), 0)), width=32, height=32,
-                                 max_bytes=10**6, max_pixels=10**6)
+    black = decode_control_image(
+        png_bytes(Image.new("L", (32, 32), 0)), width=32, height=32, max_bytes=10**6, max_pixels=10**6
+    )
     assert black.max() == 0.0
 
 
@@ -92,8 +93,9 @@ def test_control_rejects_garbage_and_limits() -> None:
         decode_control_image(data, width=32, height=32, max_bytes=10**6, max_pixels=99 * 99)
     # Formats outside the allowed list (GIF) are refused.
     with pytest.raises(ImageDecodeError):
-        decode_control_image(png_bytes(Image.new("L", (8, 8)), "GIF"), width=8, height=8,
-                             max_bytes=10**6, max_pixels=10**6)
+        decode_control_image(
+            png_bytes(Image.new("L", (8, 8)), "GIF"), width=8, height=8, max_bytes=10**6, max_pixels=10**6
+        )
 
 
 def _bomb_png(side: int) -> bytes:
@@ -122,3 +124,29 @@ def test_base64() -> None:
         decode_base64("***", 100)
     with pytest.raises(ImageDecodeError, match="larger"):
         decode_base64(base64.b64encode(b"x" * 1000).decode(), 100)
+
+
+def _filter_types(png: bytes) -> np.ndarray:
+    """The filter-type byte of each row of an 8-bit PNG's (single) IDAT."""
+    idat = png.index(b"IDAT")
+    w, h, _, color = struct.unpack(">IIBB", png[16:26])
+    data = zlib.decompress(png[idat + 4 : idat + 4 + struct.unpack(">I", png[idat - 4 : idat])[0]])
+    return np.frombuffer(data, np.uint8).reshape(h, -1)[:, 0]
+
+
+def test_rows_get_the_filter_that_suits_them_and_decode_exactly() -> None:
+    """Each row's filter is the one with the least signed-magnitude sum: a row that repeats the row above
+    takes Up (2), a left-to-right ramp takes Sub (1), the first row of noise None (0); any image decodes to
+    its pixels, and Pillow's own checker accepts it."""
+    ramp = np.tile(np.arange(48, dtype=np.uint8) * 5, (8, 1))  # 8 rows, each a ramp: Sub wins, then Up
+    ramp[0] = np.random.default_rng(0).integers(0, 256, 48, dtype=np.uint8)  # row 0: noise, no filter helps
+    ramp[1] = 3 * np.arange(48, dtype=np.uint8)  # a gentler ramp, unlike the noise above it: Sub
+    types = _filter_types(to_png(ramp, compress_level=1))
+    assert types[0] == 0 and types[1] == 1 and (types[3:] == 2).all()
+    rng = np.random.default_rng(1)
+    for img in (ramp, _smooth(40), rng.integers(0, 256, (9, 7, 3), dtype=np.uint8), _smooth(16)[:, :, 0]):
+        for level in (1, 6, 9):
+            png = to_png(img, compress_level=level)
+            assert np.array_equal(from_png(png), img)
+            with Image.open(io.BytesIO(png)) as im:
+                im.verify()
