@@ -655,7 +655,10 @@ class RequestManager:
         m.queue_size.set(len(self._queued))
         m.running_requests.set(len(self._live) - len(self._queued))
         m.outstanding_rows.set(self._rows)
-        queued = Counter(t.engine.index for t in self._queued.values() if t.engine is not None)
+        if len(self.engines) == 1:  # every queued task is routed to it; counting them is O(queue) per call
+            queued = Counter({self.engines[0].index: len(self._queued)})
+        else:
+            queued = Counter(t.engine.index for t in self._queued.values() if t.engine is not None)
         for e in self.engines:
             m.engine_outstanding_rows.labels(e.label, e.device).set(e.rows)
             m.engine_queue_size.labels(e.label, e.device).set(queued[e.index])
