@@ -257,7 +257,8 @@ class RequestManager:
         ``png_compress_level``: the zlib level of the PNGs returned (``server.imaging.to_png``).
         ``shed_deadline_fraction``: shed a request whose estimated finish is past this fraction of its
         deadline (the estimate is a mean: admitted right at its deadline, a request misses it about half
-        the time)."""
+        the time). The server passes ``Settings.shed_deadline_fraction`` (0.5 by default); 0.8 here is
+        what the admission-arithmetic tests assume."""
         if not 0 < shed_deadline_fraction <= 1:
             raise ValueError(f"shed_deadline_fraction {shed_deadline_fraction} is not in (0, 1]")
         if not isinstance(clients, Sequence):

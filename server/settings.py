@@ -84,10 +84,11 @@ class Settings(BaseSettings):
     # admitted, would finish after its deadline, instead of letting it time out in the queue.
     shed_load: bool = True
     # With shed_load: shed when the estimated finish is past this fraction of the deadline. The estimate is a
-    # mean, so a request admitted right at its deadline misses it about half the time (H200 at 1.5x
-    # overload: at 1.0, 5% of the admitted requests still timed out; at 0.8, none, bench/RESULTS.md run 15).
-    # Lower trades a few more 503s for a shorter queue, i.e. lower latency of what is admitted.
-    shed_deadline_fraction: float = Field(0.8, gt=0, le=1)
+    # mean, so a request admitted right at its deadline misses it about half the time. H200 at 1.5x overload
+    # with a 1 s deadline, by the client's clock (bench/RESULTS.md run 22e): at 0.8, 2% of the admitted
+    # requests arrived late (p99 1017 ms); at 0.5, none (p99 644 ms), at the same throughput. Lower trades a
+    # few more 503s for a shorter queue, i.e. lower latency of what is admitted.
+    shed_deadline_fraction: float = Field(0.5, gt=0, le=1)
     # With shed_load: while the event loop stays more than this many seconds behind (or a fifth of
     # request_timeout_seconds, if less) with many requests in flight, new generation requests get 503 +
     # Retry-After before their body is read. Admission cannot see the time a request waits for a saturated
