@@ -1,4 +1,5 @@
-"""What refusing a request costs the front end's event loop, per way of refusing it (issue 15, item 4).
+"""What refusing a request costs the front end's event loop, per way of refusing it, and what serving one
+costs it (issue 15, item 4).
 
     python -m bench.front_shed_cost --out $OUT        # CPU; ~1 minute
 
@@ -12,7 +13,12 @@ per full step with 1,000 full steps owed):
   is read;
 - ``admission``: the same request with the door off: body read, JSON parsed, validated, resolved, then
   refused by ``RequestManager.submit`` (503): what every shed request cost before the door;
-- ``invalid``: a body that fails validation (422), for scale.
+- ``invalid``: a body that fails validation (422), for scale;
+- ``served``: the same request admitted and answered 200 (``Accept: image/png``), the engine's client
+  replaced by one that reports the request started, sampled and finished on the next loop turn (a 32×32
+  image): the front end's whole share of a served request — validation, admission, the engine's events,
+  PNG encoding, the response — without a model. Under overload this, times the admitted rate, is what
+  the one front-end process must fit into a core (run 22d: 92% of one on the H200 host; 22e: 75%).
 
 Requests go straight into the ASGI app (``app(scope, receive, send)``) from one asyncio loop, one at a
 time: the numbers are the app's CPU from the middleware in. Socket I/O and HTTP parsing (uvicorn,
@@ -40,23 +46,50 @@ INVALID = {**BODY, "num_inference_steps": "twenty"}
 
 
 async def call(app: Any, body: bytes) -> int:
-    """One POST /generate through the ASGI app; returns the status."""
+    """One POST /generate through the ASGI app (the PNG itself asked for); returns the status."""
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
         "path": "/generate", "raw_path": b"/generate", "query_string": b"", "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"accept", b"image/png")],
         "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
     }  # fmt: skip
     sent: list[dict[str, Any]] = []
+    read, answered = [False], asyncio.Event()
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
+        if not read[0]:  # the body once; then, like a client still waiting, nothing until the answer is out
+            read[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await answered.wait()
+        return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
     await app(scope, receive, send)
+    answered.set()
     return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+def instant_engine(manager: Any, engine: Any, loop: asyncio.AbstractEventLoop) -> Any:
+    """A ``send`` for ``engine.client`` that answers every AddRequest on the next loop turn, as one engine
+    turn's outputs: started, sampled, finished with a 32×32 gray image, and one 2-row step."""
+    import numpy as np
+
+    from server.messages import AddRequest, EngineOutputs, Finished, Sampled, Started, StepStats
+
+    image = np.full((1, 32, 32, 1), 128, np.uint8)
+
+    def send(message: Any) -> bool:
+        if isinstance(message, AddRequest):
+            rid = message.request_id
+            events = [Started(rid, time.monotonic()), Sampled(rid), Finished(rid, image)]
+            step = StepStats(0.004, 0.004, 2, 2, (("fashion-class", 2),))
+            loop.call_soon(manager.on_outputs, EngineOutputs(events=list(events), steps=[step]), engine)
+        return True
+
+    return send
 
 
 async def measure(app: Any, body: bytes, n: int, rounds: int, expect: int) -> dict[str, float]:
@@ -93,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         valid, invalid = json.dumps(BODY).encode(), json.dumps(INVALID).encode()
 
         async def row(name: str, body: bytes, expect: int) -> None:
-            rows.append({"refused at": name, **await measure(live.app, body, args.n, args.rounds, expect)})
+            rows.append({"answered at": name, **await measure(live.app, body, args.n, args.rounds, expect)})
 
         async def run() -> None:
             await row("door (503, body unread)", valid, 503)
@@ -103,16 +136,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 await row("validation (422)", invalid, 422)
             finally:
                 manager.door_verdict = door
+            engine.period_ewma, engine.work = None, 0.0  # nothing owed: admitted
+            real_send = engine.client.send
+            engine.client.send = instant_engine(manager, engine, asyncio.get_running_loop())
+            try:
+                await row("served (200, an instant engine)", valid, 200)
+            finally:
+                engine.client.send = real_send
 
         asyncio.run(run())
-        engine.period_ewma, engine.work = None, 0.0
     finally:
         live.stop()
     base = rows[0]["cpu_us"]
     for r in rows:
         r["x door"] = r["cpu_us"] / base
-    columns = ["refused at", "cpu_us", "min_us", "x door"]
-    report.table("the app's CPU per refused POST /generate (µs)", rows, columns)
+    columns = ["answered at", "cpu_us", "min_us", "x door"]
+    report.table("the app's CPU per POST /generate, refused or served (µs)", rows, columns)
     report.note("in-process ASGI calls, one at a time: socket I/O and HTTP parsing are not included")
     report.print_all()
     if args.out:
