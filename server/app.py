@@ -167,14 +167,10 @@ class _CountRequests:
         ):
             self.metrics.front_shed_requests_total.inc()
             message = f"the server is overloaded (its event loop is {lag:.2f} s behind); retry later"
-            await self._shed(scope, endpoint, 503, message, math.ceil(lag), send)
-            took = time.monotonic() - start
-            self.metrics.request_duration_seconds.labels("unknown", endpoint).observe(took)
+            await self._shed(scope, endpoint, 503, message, math.ceil(lag), send, start)
             return
         if self.door is not None and (verdict := self.door(endpoint)) is not None:
-            await self._shed(scope, endpoint, *verdict, send)
-            took = time.monotonic() - start
-            self.metrics.request_duration_seconds.labels("unknown", endpoint).observe(took)
+            await self._shed(scope, endpoint, *verdict, send, start)
             return
         # The deadline counts from here: time spent waiting for the event loop before admission is part of
         # what the client sees (RequestManager.submit sheds a request whose deadline has passed by then).
@@ -198,15 +194,19 @@ class _CountRequests:
             self.metrics.request_duration_seconds.labels(model, endpoint).observe(time.monotonic() - start)
 
     async def _shed(
-        self, scope: Scope, endpoint: str, status: int, message: str, retry_after: int, send: Send
-    ) -> None:
+        self, scope: Scope, endpoint: str, status: int, message: str, retry_after: int, send: Send,
+        start: float,
+    ) -> None:  # fmt: skip
         """``status`` (429 / 503) without reading the body: the cheapest answer a saturated server can
-        give; Retry-After ``retry_after`` seconds, clamped to 1-60."""
+        give; Retry-After ``retry_after`` seconds, clamped to 1-60; counted and timed from ``start``."""
+        import time
+
         self.metrics.requests_total.labels("unknown", endpoint, str(status)).inc()
         retry = str(max(1, min(60, retry_after)))
         headers = {"Retry-After": retry}
         response = JSONResponse({"detail": message, "message": message}, status, headers=headers)
         await response(scope, _no_body, send)
+        self.metrics.request_duration_seconds.labels("unknown", endpoint).observe(time.monotonic() - start)
 
 
 async def _no_body() -> Message:

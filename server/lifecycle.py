@@ -200,6 +200,7 @@ class Engine:
     period_ewma: float | None = None  # seconds from one busy step to the next, once measured
     gpu_bytes: float = 0.0
     batches: Counter[tuple[str, int, int]] = field(default_factory=Counter)  # batch_key of live requests
+    queued: int = 0  # of those, not started yet (kept with RequestManager._queued; the gauge reads it)
     started: bool = False  # loaded and started (an engine may still be loading when the server serves)
     load_error: str | None = None  # why it failed to load
 
@@ -436,6 +437,7 @@ class RequestManager:
             raise EngineStopped("the engine is restarting; retry shortly")
         self._live[task.id] = task
         self._queued[task.id] = task
+        engine.queued += 1
         self._rows += request.rows
         engine.rows += request.rows
         engine.work += request.rows * request.sampling_steps
@@ -596,7 +598,7 @@ class RequestManager:
             if task is None or task.engine is not e:  # cancelled here, or already failed
                 continue
             if isinstance(event, Started):
-                self._queued.pop(task.id, None)
+                self._unqueue(task)
                 task.started, task.status = event.at, "running"
                 m.queue_wait_seconds.labels(task.request.model).observe(max(0.0, event.at - task.created))
                 task.publish("started")
@@ -649,20 +651,20 @@ class RequestManager:
                 e.work = max(0.0, e.work - task.request.rows * max(0.0, steps - done))
             if e.rows == 0:
                 e.work = 0.0  # nothing owed: drop what the estimate drifted by (cancels mid-run)
-        self._queued.pop(task.id, None)
+        self._unqueue(task)
+
+    def _unqueue(self, task: Task) -> None:
+        if self._queued.pop(task.id, None) is not None and task.engine is not None:
+            task.engine.queued -= 1
 
     def _gauges(self) -> None:
         m = self.metrics
         m.queue_size.set(len(self._queued))
         m.running_requests.set(len(self._live) - len(self._queued))
         m.outstanding_rows.set(self._rows)
-        if len(self.engines) == 1:  # every queued task is routed to it; counting them is O(queue) per call
-            queued = Counter({self.engines[0].index: len(self._queued)})
-        else:
-            queued = Counter(t.engine.index for t in self._queued.values() if t.engine is not None)
         for e in self.engines:
             m.engine_outstanding_rows.labels(e.label, e.device).set(e.rows)
-            m.engine_queue_size.labels(e.label, e.device).set(queued[e.index])
+            m.engine_queue_size.labels(e.label, e.device).set(e.queued)
 
     def _trim_jobs(self) -> None:
         finished = [k for k, t in self.jobs.items() if t.done]
