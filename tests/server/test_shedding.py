@@ -172,3 +172,33 @@ def test_door_answers_a_full_queue_first_as_submit_does() -> None:
             FakeClient.serving = True
 
     asyncio.run(body())
+
+
+def test_the_engine_queue_gauge_follows_start_cancel_and_finish() -> None:
+    """``unet_server_engine_queue_size`` counts the engine's requests not started yet, through every way
+    a request leaves the queue (started, cancelled while queued, failed)."""
+    from server.messages import Failed, Started
+
+    async def body() -> None:
+        metrics = Metrics()
+        manager = RequestManager(FakeClient(), metrics, max_queue_size=100, max_rows=4, shed=False)  # type: ignore[arg-type]
+        manager.start(asyncio.get_running_loop())
+        (engine,) = manager.engines
+
+        def gauge() -> float | None:
+            return metrics.registry.get_sample_value(
+                "unet_server_engine_queue_size", {"engine": engine.label, "device": engine.device}
+            )
+
+        a, b, c = (manager.submit(req(), "generate", timeout=10.0) for _ in range(3))
+        assert gauge() == 3
+        manager.on_outputs(EngineOutputs(events=[Started(a.id, 0.0)]))
+        assert gauge() == 2
+        assert manager.cancel(b.id)
+        assert gauge() == 1
+        manager.on_outputs(EngineOutputs(events=[Failed(c.id, 500, "boom", "e1")]))
+        assert gauge() == 0 and engine.queued == 0
+        manager.on_outputs(EngineOutputs(events=[Failed(a.id, 500, "boom", "e2")]))  # a running one leaves
+        assert gauge() == 0
+
+    asyncio.run(body())
